@@ -1,0 +1,43 @@
+"""The `compound` command: one subcommand per job, user errors as one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from bench.errors import CompoundError
+
+# Each module listed here exposes `register(subparsers)`, which adds its subcommand
+# with `parser.set_defaults(handler=...)`; a handler takes the parsed args and returns an exit code.
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="compound",
+        description="Measure whether per-module optimizations of a multimodal model compound.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except CompoundError as error:
+        print(f"compound: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("compound: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The one record every tracker emits and the store keeps: a raw, unsummarised measurement."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Source = Literal["measured", "estimated", "declared", "derived"]
+SOURCES: tuple[str, ...] = ("measured", "estimated", "declared", "derived")
+
+
+@dataclass
+class Sample:
+    """One value of one metric, from one timed block of one configuration.
+
+    `module` is "total" for whole-request figures, else a bundle handle name
+    (for example "vision_encoder" or "layers.3.mlp"). `source` says how the value
+    was obtained, so measured and estimated figures never mix silently.
+    """
+
+    config: str
+    block: int
+    metric: str
+    value: float
+    unit: str
+    module: str = "total"
+    source: Source = "measured"
+    t_start: float = 0.0
+    t_end: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown sample source {self.source!r}; expected one of {SOURCES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sample:
+        return cls(**data)

@@ -1,0 +1,205 @@
+"""A generated multimodal question-answering dataset: coloured shapes on a grid, plus text-only maths.
+
+Nothing is downloaded. Every example is a pure function of (seed, split, index), and each split
+only keeps examples whose content hash falls in its bucket range, so the train, validation and
+test splits are disjoint by construction and identical on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+# Buckets out of 100 that each split owns (by hash of the example's content).
+SPLIT_BUCKETS: dict[str, range] = {"train": range(0, 80), "val": range(80, 90), "test": range(90, 100)}
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 240),
+    "yellow": (240, 220, 40),
+    "purple": (170, 60, 220),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+GRID = 3  # objects sit in distinct cells of a GRID x GRID layout
+MAX_OBJECTS = len(SHAPES)  # every object has its own shape and its own colour
+DIRECTIONS: tuple[str, ...] = ("left", "right", "above", "below")
+MAX_OPERAND_ADD = 9
+MAX_OPERAND_COMPARE = 20
+NUMBERS: tuple[str, ...] = tuple(str(n) for n in range(2 * MAX_OPERAND_ADD + 1 + 2))
+
+IMAGE_KINDS: tuple[str, ...] = ("colour", "shape", "count", "position")
+TEXT_KINDS: tuple[str, ...] = ("add", "subtract", "larger", "smaller")
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    row: int
+    col: int
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question with its short answer; `scene` is None for text-only questions."""
+
+    question: str
+    answer: str
+    kind: str
+    scene: tuple[SceneObject, ...] | None = None
+    jitter: tuple[int, ...] = field(default=(), compare=False)
+
+    @property
+    def has_image(self) -> bool:
+        return self.scene is not None
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.has_image else "text"
+
+    def key(self) -> str:
+        """Content identity: what makes two examples the same question about the same input."""
+        scene = "" if self.scene is None else ";".join(
+            f"{o.shape},{o.colour},{o.row},{o.col}" for o in self.scene
+        )
+        return f"{scene}|{self.question}"
+
+
+def vocabulary() -> list[str]:
+    """Every word any question or answer can use, in a fixed order (the tokenizer's vocabulary)."""
+    words = (
+        "what color is the shape how many shapes are there where relative to one "
+        "plus minus which larger smaller or ?"
+    ).split()
+    return list(dict.fromkeys([*words, *COLOURS, *SHAPES, *DIRECTIONS, *NUMBERS]))
+
+
+def split_of(example: Example) -> Split:
+    bucket = int.from_bytes(hashlib.sha256(example.key().encode()).digest()[:8], "big") % 100
+    return next(s for s in SPLITS if bucket in SPLIT_BUCKETS[s])
+
+
+def _random_scene(rng: np.random.Generator) -> tuple[SceneObject, ...]:
+    count = int(rng.integers(1, MAX_OBJECTS + 1))
+    cells = rng.choice(GRID * GRID, size=count, replace=False)
+    shapes = rng.choice(len(SHAPES), size=count, replace=False)
+    colours = rng.choice(len(COLOURS), size=count, replace=False)
+    names = list(COLOURS)
+    return tuple(
+        SceneObject(SHAPES[s], names[c], int(cell) // GRID, int(cell) % GRID)
+        for cell, s, c in zip(cells, shapes, colours, strict=True)
+    )
+
+
+def _direction(a: SceneObject, b: SceneObject) -> str | None:
+    """Where a lies relative to b, or None when the answer would be ambiguous (diagonal tie)."""
+    dx, dy = a.col - b.col, a.row - b.row
+    if abs(dx) == abs(dy):
+        return None
+    if abs(dx) > abs(dy):
+        return "left" if dx < 0 else "right"
+    return "above" if dy < 0 else "below"
+
+
+def _image_question(rng: np.random.Generator, kind: str) -> Example | None:
+    scene = _random_scene(rng)
+    target = scene[int(rng.integers(len(scene)))]
+    if kind == "colour":
+        return Example(f"what color is the {target.shape} ?", target.colour, kind, scene)
+    if kind == "shape":
+        return Example(f"what shape is the {target.colour} one ?", target.shape, kind, scene)
+    if kind == "count":
+        return Example("how many shapes are there ?", str(len(scene)), kind, scene)
+    if len(scene) < 2:
+        return None
+    first, second = (scene[i] for i in rng.choice(len(scene), size=2, replace=False))
+    direction = _direction(first, second)
+    if direction is None:
+        return None
+    question = f"where is the {first.colour} shape relative to the {second.colour} shape ?"
+    return Example(question, direction, kind, scene)
+
+
+def _text_question(rng: np.random.Generator, kind: str) -> Example:
+    if kind in ("add", "subtract"):
+        a, b = (int(x) for x in rng.integers(0, MAX_OPERAND_ADD + 1, size=2))
+        if kind == "add":
+            return Example(f"what is {a} plus {b} ?", str(a + b), kind)
+        a, b = max(a, b), min(a, b)
+        return Example(f"what is {a} minus {b} ?", str(a - b), kind)
+    a, b = (int(x) for x in rng.choice(MAX_OPERAND_COMPARE + 1, size=2, replace=False))
+    answer = max(a, b) if kind == "larger" else min(a, b)
+    return Example(f"which is {kind} {a} or {b} ?", str(answer), kind)
+
+
+def make_example(seed: int, split: Split, index: int, modality: str) -> Example:
+    """The index-th example of a split and modality; rejection-samples until the hash fits the split."""
+    split_id = SPLITS.index(split)
+    modality_id = 0 if modality == "image" else 1
+    rng = np.random.default_rng([seed, split_id, modality_id, index])
+    kinds = IMAGE_KINDS if modality == "image" else TEXT_KINDS
+    kind = kinds[int(rng.integers(len(kinds)))]
+    while True:
+        example = _image_question(rng, kind) if modality == "image" else _text_question(rng, kind)
+        if example is not None and split_of(example) == split:
+            if example.scene is not None:
+                jitter = tuple(int(v) for v in rng.integers(-1, 2, size=2 * len(example.scene)))
+                example = Example(example.question, example.answer, kind, example.scene, jitter)
+            return example
+
+
+def make_examples(
+    seed: int, split: Split, count: int, image_fraction: float = 0.5, start: int = 0
+) -> list[Example]:
+    """A deterministic mix: example i is an image question iff it falls in the image fraction.
+
+    The interleaving is by a fixed stride (not random), so any prefix of the list has the
+    requested ratio to within one example.
+    """
+    if not 0.0 <= image_fraction <= 1.0:
+        raise ValueError(f"image fraction must be in [0, 1], got {image_fraction}")
+    examples = []
+    for i in range(start, start + count):
+        is_image = int((i + 1) * image_fraction) > int(i * image_fraction)
+        examples.append(make_example(seed, split, i, "image" if is_image else "text"))
+    return examples
+
+
+def render(example: Example, size: int) -> Image.Image:
+    """Draw the scene at `size` x `size` pixels (black background, one shape per cell)."""
+    if example.scene is None:
+        raise ValueError("a text-only example has no image")
+    image = Image.new("RGB", (size, size), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    cell = size / GRID
+    radius = cell * 0.36
+    jitter = example.jitter or (0,) * (2 * len(example.scene))
+    for i, obj in enumerate(example.scene):
+        cx = (obj.col + 0.5) * cell + jitter[2 * i] * size / 64
+        cy = (obj.row + 0.5) * cell + jitter[2 * i + 1] * size / 64
+        colour = COLOURS[obj.colour]
+        box = (cx - radius, cy - radius, cx + radius, cy + radius)
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=colour)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=colour)
+        elif obj.shape == "triangle":
+            draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
+                         fill=colour)
+        else:
+            bar = radius * 0.38
+            draw.rectangle((cx - radius, cy - bar, cx + radius, cy + bar), fill=colour)
+            draw.rectangle((cx - bar, cy - radius, cx + bar, cy + radius), fill=colour)
+    return image
+
+
+def render_array(example: Example, size: int) -> np.ndarray:
+    """The rendered scene as a uint8 (size, size, 3) array."""
+    return np.asarray(render(example, size), dtype=np.uint8)

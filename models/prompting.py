@@ -1,0 +1,81 @@
+"""Turn dataset examples into model inputs: token ids with image placeholders, and pixel tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from models.dataset import Example, render_array
+from models.tokenizer import SEP
+
+if TYPE_CHECKING:
+    from models.bundle import ModelBundle
+
+
+@dataclass
+class Request:
+    """One encoded example: the prompt ids, its image (if any) and the expected answer ids."""
+
+    example: Example
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None  # (3, H, W), normalised
+    answer_ids: list[int]
+
+
+@dataclass
+class PromptFormat:
+    """How prompts look for one model: `<bos> <image>×N question <sep>` → `answer <eos>`."""
+
+    tokenizer: PreTrainedTokenizerBase
+    image_token_id: int
+    image_tokens: int
+    image_size: int
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def _words(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _separator(self) -> list[int]:
+        sep = self.tokenizer.convert_tokens_to_ids(SEP)
+        if sep is None or sep == self.tokenizer.unk_token_id:
+            return self._words(" Answer:")
+        return [sep]
+
+    def pixels(self, example: Example) -> torch.Tensor:
+        array = render_array(example, self.image_size).astype(np.float32) / 255.0
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        return torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy())
+
+    def encode(self, example: Example) -> Request:
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        image = [self.image_token_id] * self.image_tokens if example.has_image else []
+        ids = bos + image + self._words(example.question) + self._separator()
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        pixel_values = self.pixels(example) if example.has_image else None
+        return Request(example, ids, pixel_values, self._words(example.answer) + eos)
+
+
+def stack_pixels(requests: list[Request]) -> torch.Tensor | None:
+    """Pixel values of the image-bearing requests, in order (LLaVA fills placeholders in order)."""
+    images = [r.pixel_values for r in requests if r.pixel_values is not None]
+    return torch.stack(images) if images else None
+
+
+def model_inputs(bundle: "ModelBundle", requests: list[Request]) -> dict[str, torch.Tensor]:
+    """Keyword inputs for forward/generate on equal-length prompts.
+
+    `pixel_values` is left out entirely for text-only batches: generate() treats a present-but-None
+    key as an image to encode.
+    """
+    inputs = {"input_ids": torch.tensor([r.input_ids for r in requests], device=bundle.device)}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    pixels = stack_pixels(requests)
+    if pixels is not None:
+        inputs["pixel_values"] = pixels.to(bundle.device, bundle.dtype)
+    return inputs
