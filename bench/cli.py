@@ -10,13 +10,27 @@ from bench.errors import CompoundError
 
 # Each module listed here exposes `register(subparsers)`, which adds its subcommand
 # with `parser.set_defaults(handler=...)`; a handler takes the parsed args and returns an exit code.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "bench.commands.models",
+    "bench.commands.train",
+    "bench.commands.evaluate",
+    "bench.commands.run",
+    "bench.commands.calibrate",
+    "bench.formula_cli",
+)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad usage prints one line (plus a hint), not the whole usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="compound",
         description="Measure whether per-module optimizations of a multimodal model compound.",
     )

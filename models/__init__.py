@@ -2,6 +2,6 @@
 
 import os
 
-# Nothing in this project may fetch weights or data from a hub; make any accidental attempt fail fast.
+# Nothing here may fetch weights or data from a hub: make any accidental attempt fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

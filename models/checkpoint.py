@@ -26,7 +26,7 @@ from models.tokenizer import build_tokenizer
 
 CACHE_ENV_VAR = "COMPOUND_BENCH_CACHE"
 DEFAULT_CACHE = Path("~/.cache/compound-bench")
-DATASET_VERSION = 1  # bump when the generator's output changes
+DATASET_VERSION = 4  # bump when the generator's output changes
 METADATA_FILE = "compound.json"
 
 
@@ -54,8 +54,12 @@ def checkpoint_path(preset: Preset, cache: Path) -> Path:
 
 
 def build_bundle(
-    preset_name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    materialize: bool | None = None, seed: int = 0,
+    preset_name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    materialize: bool | None = None,
+    seed: int = 0,
 ) -> ModelBundle:
     """An untrained bundle of a preset.
 
@@ -74,8 +78,14 @@ def build_bundle(
     metadata: dict[str, Any] = {"cost_only": preset.cost_only}
     if preset.notes:
         metadata["notes"] = preset.notes
-    return ModelBundle(model, prompt_format_for(model), preset.name, trained=False,
-                       source="preset", metadata=metadata)
+    return ModelBundle(
+        model,
+        prompt_format_for(model),
+        preset.name,
+        trained=False,
+        source="preset",
+        metadata=metadata,
+    )
 
 
 def save_checkpoint(bundle: ModelBundle, path: Path, info: dict[str, Any]) -> None:
@@ -106,8 +116,9 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> ModelBundle:
+def load_model_dir(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> ModelBundle:
     """Load one of our checkpoints or a LLaVA-family checkpoint directory from disk."""
     directory = Path(path).expanduser()
     if not directory.is_dir():
@@ -127,7 +138,9 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu",
             directory, config=config, dtype=dtype, local_files_only=True
         ).to(device)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = (
+            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        )
         raise CompoundError(f"cannot load weights from {directory}: {first_line}") from None
     model.eval()
     try:
@@ -140,10 +153,12 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu",
     if not ours:
         extra["external"] = True
     return ModelBundle(
-        model, prompt_format_for(model, tokenizer),
+        model,
+        prompt_format_for(model, tokenizer),
         preset=str(metadata.get("preset", directory.name)),
         trained=bool(metadata.get("trained", True)),
-        source=str(directory), metadata=extra,
+        source=str(directory),
+        metadata=extra,
     )
 
 
@@ -151,8 +166,9 @@ def load_trained(preset_name: str, cache: Path, **kwargs: Any) -> ModelBundle:
     """The cached trained checkpoint of a preset, or a clear error saying how to make it."""
     preset = get_preset(preset_name)
     if preset.cost_only:
-        raise CompoundError(f"preset {preset_name!r} is cost-only (random weights); it has no "
-                            "trained checkpoint")
+        raise CompoundError(
+            f"preset {preset_name!r} is cost-only (random weights); it has no trained checkpoint"
+        )
     path = checkpoint_path(preset, cache)
     if not path.exists():
         raise CompoundError(

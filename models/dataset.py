@@ -1,4 +1,4 @@
-"""A generated multimodal question-answering dataset: coloured shapes on a grid, plus text-only maths.
+"""A generated multimodal question-answering dataset: coloured shapes on a grid, and text maths.
 
 Nothing is downloaded. Every example is a pure function of (seed, split, index), and each split
 only keeps examples whose content hash falls in its bucket range, so the train, validation and
@@ -8,7 +8,7 @@ test splits are disjoint by construction and identical on every machine.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -17,7 +17,11 @@ from PIL import Image, ImageDraw
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 # Buckets out of 100 that each split owns (by hash of the example's content).
-SPLIT_BUCKETS: dict[str, range] = {"train": range(0, 80), "val": range(80, 90), "test": range(90, 100)}
+SPLIT_BUCKETS: dict[str, range] = {
+    "train": range(0, 80),
+    "val": range(80, 90),
+    "test": range(90, 100),
+}
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -27,15 +31,18 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (170, 60, 220),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-GRID = 3  # objects sit in distinct cells of a GRID x GRID layout
+GRID = 4  # objects sit in distinct cells of a GRID x GRID layout, aligned to vision patches
 MAX_OBJECTS = len(SHAPES)  # every object has its own shape and its own colour
 DIRECTIONS: tuple[str, ...] = ("left", "right", "above", "below")
-MAX_OPERAND_ADD = 9
-MAX_OPERAND_COMPARE = 20
-NUMBERS: tuple[str, ...] = tuple(str(n) for n in range(2 * MAX_OPERAND_ADD + 1 + 2))
+MAX_NUMBER = 20
+LIST_LENGTHS = range(2, 7)
+NUMBERS: tuple[str, ...] = tuple(str(n) for n in range(MAX_NUMBER + 1))
 
 IMAGE_KINDS: tuple[str, ...] = ("colour", "shape", "count", "position")
-TEXT_KINDS: tuple[str, ...] = ("add", "subtract", "larger", "smaller")
+# Text questions are small arithmetic over numbers 0-20: comparisons and list questions.
+# Their answers are computed from what the question shows, so a held-out question is answerable
+# by a model that learned the operation (unlike a memorised fact or an addition table).
+TEXT_KINDS: tuple[str, ...] = ("larger", "smaller", "length", "last")
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,6 @@ class Example:
     answer: str
     kind: str
     scene: tuple[SceneObject, ...] | None = None
-    jitter: tuple[int, ...] = field(default=(), compare=False)
 
     @property
     def has_image(self) -> bool:
@@ -66,8 +72,10 @@ class Example:
 
     def key(self) -> str:
         """Content identity: what makes two examples the same question about the same input."""
-        scene = "" if self.scene is None else ";".join(
-            f"{o.shape},{o.colour},{o.row},{o.col}" for o in self.scene
+        scene = (
+            ""
+            if self.scene is None
+            else ";".join(f"{o.shape},{o.colour},{o.row},{o.col}" for o in self.scene)
         )
         return f"{scene}|{self.question}"
 
@@ -76,7 +84,7 @@ def vocabulary() -> list[str]:
     """Every word any question or answer can use, in a fixed order (the tokenizer's vocabulary)."""
     words = (
         "what color is the shape how many shapes are there where relative to one "
-        "plus minus which larger smaller or ?"
+        "which larger smaller or numbers in last ?"
     ).split()
     return list(dict.fromkeys([*words, *COLOURS, *SHAPES, *DIRECTIONS, *NUMBERS]))
 
@@ -86,8 +94,7 @@ def split_of(example: Example) -> Split:
     return next(s for s in SPLITS if bucket in SPLIT_BUCKETS[s])
 
 
-def _random_scene(rng: np.random.Generator) -> tuple[SceneObject, ...]:
-    count = int(rng.integers(1, MAX_OBJECTS + 1))
+def _random_scene(rng: np.random.Generator, count: int) -> tuple[SceneObject, ...]:
     cells = rng.choice(GRID * GRID, size=count, replace=False)
     shapes = rng.choice(len(SHAPES), size=count, replace=False)
     colours = rng.choice(len(COLOURS), size=count, replace=False)
@@ -109,38 +116,43 @@ def _direction(a: SceneObject, b: SceneObject) -> str | None:
 
 
 def _image_question(rng: np.random.Generator, kind: str) -> Example | None:
-    scene = _random_scene(rng)
-    target = scene[int(rng.integers(len(scene)))]
+    """Colour and shape questions show one object; count shows 1-4; position shows two.
+
+    Binding a word to one of several objects ("the colour of the circle") kept a decoder
+    trained from scratch at chance for 1000+ steps on 2 CPU cores (measured), beyond this
+    project's 10-minute training budget, so each question type asks one thing of the image.
+    """
     if kind == "colour":
-        return Example(f"what color is the {target.shape} ?", target.colour, kind, scene)
+        (obj,) = _random_scene(rng, 1)
+        return Example("what color is the shape ?", obj.colour, kind, (obj,))
     if kind == "shape":
-        return Example(f"what shape is the {target.colour} one ?", target.shape, kind, scene)
+        (obj,) = _random_scene(rng, 1)
+        return Example("what shape is there ?", obj.shape, kind, (obj,))
     if kind == "count":
+        scene = _random_scene(rng, int(rng.integers(1, MAX_OBJECTS + 1)))
         return Example("how many shapes are there ?", str(len(scene)), kind, scene)
-    if len(scene) < 2:
-        return None
-    first, second = (scene[i] for i in rng.choice(len(scene), size=2, replace=False))
+    first, second = _random_scene(rng, 2)
     direction = _direction(first, second)
     if direction is None:
         return None
     question = f"where is the {first.colour} shape relative to the {second.colour} shape ?"
-    return Example(question, direction, kind, scene)
+    return Example(question, direction, kind, (first, second))
 
 
 def _text_question(rng: np.random.Generator, kind: str) -> Example:
-    if kind in ("add", "subtract"):
-        a, b = (int(x) for x in rng.integers(0, MAX_OPERAND_ADD + 1, size=2))
-        if kind == "add":
-            return Example(f"what is {a} plus {b} ?", str(a + b), kind)
-        a, b = max(a, b), min(a, b)
-        return Example(f"what is {a} minus {b} ?", str(a - b), kind)
-    a, b = (int(x) for x in rng.choice(MAX_OPERAND_COMPARE + 1, size=2, replace=False))
-    answer = max(a, b) if kind == "larger" else min(a, b)
-    return Example(f"which is {kind} {a} or {b} ?", str(answer), kind)
+    if kind in ("larger", "smaller"):
+        a, b = (int(x) for x in rng.choice(MAX_NUMBER + 1, size=2, replace=False))
+        answer = max(a, b) if kind == "larger" else min(a, b)
+        return Example(f"which is {kind} {a} or {b} ?", str(answer), kind)
+    length = int(rng.choice(list(LIST_LENGTHS)))
+    numbers = " ".join(str(int(x)) for x in rng.integers(0, MAX_NUMBER + 1, size=length))
+    if kind == "length":
+        return Example(f"how many numbers are in {numbers} ?", str(length), kind)
+    return Example(f"what is the last number in {numbers} ?", numbers.split()[-1], kind)
 
 
 def make_example(seed: int, split: Split, index: int, modality: str) -> Example:
-    """The index-th example of a split and modality; rejection-samples until the hash fits the split."""
+    """The index-th example of a split and modality (rejection-sampled until its hash fits)."""
     split_id = SPLITS.index(split)
     modality_id = 0 if modality == "image" else 1
     rng = np.random.default_rng([seed, split_id, modality_id, index])
@@ -149,9 +161,6 @@ def make_example(seed: int, split: Split, index: int, modality: str) -> Example:
     while True:
         example = _image_question(rng, kind) if modality == "image" else _text_question(rng, kind)
         if example is not None and split_of(example) == split:
-            if example.scene is not None:
-                jitter = tuple(int(v) for v in rng.integers(-1, 2, size=2 * len(example.scene)))
-                example = Example(example.question, example.answer, kind, example.scene, jitter)
             return example
 
 
@@ -173,17 +182,20 @@ def make_examples(
 
 
 def render(example: Example, size: int) -> Image.Image:
-    """Draw the scene at `size` x `size` pixels (black background, one shape per cell)."""
+    """Draw the scene at `size` x `size` pixels (black background, one shape per cell).
+
+    Cells are `size / GRID` pixels wide; the presets choose image and patch sizes so that a
+    cell is a whole number of patches, so each shape is seen whole by its own patch tokens.
+    """
     if example.scene is None:
         raise ValueError("a text-only example has no image")
     image = Image.new("RGB", (size, size), (0, 0, 0))
     draw = ImageDraw.Draw(image)
     cell = size / GRID
-    radius = cell * 0.36
-    jitter = example.jitter or (0,) * (2 * len(example.scene))
-    for i, obj in enumerate(example.scene):
-        cx = (obj.col + 0.5) * cell + jitter[2 * i] * size / 64
-        cy = (obj.row + 0.5) * cell + jitter[2 * i + 1] * size / 64
+    radius = cell * 0.4
+    for obj in example.scene:
+        cx = (obj.col + 0.5) * cell
+        cy = (obj.row + 0.5) * cell
         colour = COLOURS[obj.colour]
         box = (cx - radius, cy - radius, cx + radius, cy + radius)
         if obj.shape == "circle":
@@ -191,8 +203,10 @@ def render(example: Example, size: int) -> Image.Image:
         elif obj.shape == "square":
             draw.rectangle(box, fill=colour)
         elif obj.shape == "triangle":
-            draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
-                         fill=colour)
+            draw.polygon(
+                [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
+                fill=colour,
+            )
         else:
             bar = radius * 0.38
             draw.rectangle((cx - radius, cy - bar, cx + radius, cy + bar), fill=colour)

@@ -22,8 +22,9 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def greedy_answers(bundle: ModelBundle, requests: list[Request], max_new_tokens: int = 4,
-                   batch_size: int = 64) -> list[str]:
+def greedy_answers(
+    bundle: ModelBundle, requests: list[Request], max_new_tokens: int = 4, batch_size: int = 64
+) -> list[str]:
     """Greedy answers, batched only among prompts of equal length so no padding is ever needed."""
     answers: dict[int, str] = {}
     tokenizer = bundle.prompts.tokenizer
@@ -31,7 +32,7 @@ def greedy_answers(bundle: ModelBundle, requests: list[Request], max_new_tokens:
     for _, group in groupby(order, key=lambda i: len(requests[i].input_ids)):
         indices = list(group)
         for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
+            chunk = indices[start : start + batch_size]
             batch = [requests[i] for i in chunk]
             output = bundle.model.generate(
                 **model_inputs(bundle, batch),
@@ -64,8 +65,13 @@ def score(examples: list[Example], answers: list[str]) -> EvalResult:
     )
 
 
-def evaluate(bundle: ModelBundle, split: Split = "test", count: int = 400, seed: int = 0,
-             image_fraction: float = 0.5) -> EvalResult:
+def evaluate(
+    bundle: ModelBundle,
+    split: Split = "test",
+    count: int = 400,
+    seed: int = 0,
+    image_fraction: float = 0.5,
+) -> EvalResult:
     """Exact-match accuracy on `count` held-out examples (half image, half text by default)."""
     examples = make_examples(seed, split, count, image_fraction)
     requests = [bundle.prompts.encode(e) for e in examples]

@@ -28,7 +28,12 @@ class Request:
 
 @dataclass
 class PromptFormat:
-    """How prompts look for one model: `<bos> <image>×N question <sep>` → `answer <eos>`."""
+    """How prompts look for one model: `<bos> question <image>×N <sep>` → `answer <eos>`.
+
+    The question comes first so that, in a causal decoder, every image token can attend to it:
+    with the image first, a small decoder trained from scratch stayed at chance on questions
+    that bind a word to one object (measured: colour/shape/position flat over 1000 steps).
+    """
 
     tokenizer: PreTrainedTokenizerBase
     image_token_id: int
@@ -55,7 +60,7 @@ class PromptFormat:
     def encode(self, example: Example) -> Request:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         image = [self.image_token_id] * self.image_tokens if example.has_image else []
-        ids = bos + image + self._words(example.question) + self._separator()
+        ids = bos + self._words(example.question) + image + self._separator()
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         pixel_values = self.pixels(example) if example.has_image else None
         return Request(example, ids, pixel_values, self._words(example.answer) + eos)
@@ -67,7 +72,7 @@ def stack_pixels(requests: list[Request]) -> torch.Tensor | None:
     return torch.stack(images) if images else None
 
 
-def model_inputs(bundle: "ModelBundle", requests: list[Request]) -> dict[str, torch.Tensor]:
+def model_inputs(bundle: ModelBundle, requests: list[Request]) -> dict[str, torch.Tensor]:
     """Keyword inputs for forward/generate on equal-length prompts.
 
     `pixel_values` is left out entirely for text-only batches: generate() treats a present-but-None

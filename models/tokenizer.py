@@ -1,4 +1,4 @@
-"""A word-level tokenizer over the dataset's closed vocabulary, saved and loaded like any HF tokenizer."""
+"""A word-level tokenizer over the dataset's closed vocabulary, saved and loaded like any HF one."""
 
 from __future__ import annotations
 

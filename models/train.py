@@ -39,15 +39,21 @@ def collate(requests: list[Request], pad_id: int) -> dict[str, torch.Tensor | No
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (request, row) in enumerate(zip(requests, rows, strict=True)):
-        input_ids[i, :len(row)] = torch.tensor(row)
-        attention[i, :len(row)] = 1
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
         answer_start = len(request.input_ids)
-        labels[i, answer_start:len(row)] = torch.tensor(request.answer_ids)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-            "pixel_values": stack_pixels(requests)}
+        labels[i, answer_start : len(row)] = torch.tensor(request.answer_ids)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "pixel_values": stack_pixels(requests),
+    }
 
 
-def answer_loss(bundle: ModelBundle, batch: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor, int]:
+def answer_loss(
+    bundle: ModelBundle, batch: dict[str, torch.Tensor | None]
+) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over answer tokens, and how many tokens were scored."""
     logits = bundle.model(
         input_ids=batch["input_ids"],
@@ -71,8 +77,13 @@ def _learning_rate(settings: TrainingSettings, step: int) -> float:
     return settings.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(bundle: ModelBundle, settings: TrainingSettings, *, show_progress: bool = True,
-          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+def train(
+    bundle: ModelBundle,
+    settings: TrainingSettings,
+    *,
+    show_progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
     """Train in place; marks the bundle trained. Deterministic for a given seed and thread count.
 
     `on_step(step, loss)` is called after every optimizer step (for logging or early checks).
@@ -80,22 +91,36 @@ def train(bundle: ModelBundle, settings: TrainingSettings, *, show_progress: boo
     torch.manual_seed(settings.seed)
     model = bundle.model
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
-                                  weight_decay=settings.weight_decay, betas=(0.9, 0.98))
+    vision = [p for p in bundle.vision_encoder.parameters()]
+    vision_ids = {id(p) for p in vision}
+    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    groups = [{"params": rest, "scale": 1.0}, {"params": vision, "scale": settings.vision_lr_scale}]
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        betas=(0.9, 0.98),
+        foreach=True,
+    )
     pad_id = bundle.prompts.tokenizer.pad_token_id
     image_count = round(settings.batch_size * settings.image_fraction)
     text_count = settings.batch_size - image_count
     next_index = {"image": 0, "text": 0}
     loss_value = float("nan")
     start = time.perf_counter()
-    progress = Progress(TextColumn("training {task.fields[preset]}"), BarColumn(),
-                        TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress)
+    progress = Progress(
+        TextColumn("training {task.fields[preset]}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not show_progress,
+    )
     with progress:
         task = progress.add_task("train", total=settings.steps, preset=bundle.preset, loss="-")
         for step in range(settings.steps):
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(settings, step)
+                group["lr"] = _learning_rate(settings, step) * group["scale"]
             total_loss = torch.zeros(())
             total_tokens = 0
             for modality, count in (("image", image_count), ("text", text_count)):

@@ -1,0 +1,189 @@
+"""From raw samples to tables: summaries, per-module shares, and paired comparisons.
+
+Everything here reads only the store's tidy frame, so any report can be recomputed from
+samples.jsonl alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from bench.stats import paired_delta, summarize
+
+# Metrics recorded once per request; a block's value is their mean (the mixed workload is
+# bimodal, image vs text, so a per-block median would jump between the two modes).
+PER_REQUEST = (
+    "latency_e2e_s",
+    "latency_prefill_s",
+    "latency_decode_per_token_s",
+    "latency_vision_encode_s",
+    "latency_projector_s",
+)
+# Metrics compared between configurations: lower is better for all of them.
+COMPARED: dict[str, str] = {
+    "latency_mean_s": "latency",
+    "energy_j": "energy",
+    "peak_rss_bytes": "peak memory (RSS)",
+    "peak_allocated_bytes": "peak memory (GPU)",
+    "cost_usd_per_1k": "cost",
+}
+
+
+def timed(samples: pd.DataFrame) -> pd.DataFrame:
+    """Samples of the timed rounds only (the cold-start records carry block -1)."""
+    return samples[samples["block"] >= 0]
+
+
+def block_values(samples: pd.DataFrame, metric: str, module: str = "total") -> pd.DataFrame:
+    """One value per (round, configuration): rows are rounds, columns configurations."""
+    rows = timed(samples)
+    rows = rows[(rows["metric"] == metric) & (rows["module"] == module)]
+    if rows.empty:
+        return pd.DataFrame()
+    return rows.pivot_table(index="block", columns="config", values="value", aggfunc="mean")
+
+
+def with_modality(samples: pd.DataFrame) -> pd.DataFrame:
+    """Add a `modality` column: image/text for per-request samples, "all" for block figures."""
+    out = samples.copy()
+    out["modality"] = [
+        extra.get("modality", "all") if isinstance(extra, dict) and metric in PER_REQUEST else "all"
+        for extra, metric in zip(out["extra"], out["metric"], strict=True)
+    ]
+    return out
+
+
+def summary_table(samples: pd.DataFrame) -> pd.DataFrame:
+    """Median, IQR, p90, p99 per configuration, metric, module, modality and source.
+
+    Per-request latencies are summarised per modality: the mixed workload is bimodal (image
+    requests are several times slower), so one pooled IQR would only measure the mix.
+    """
+    records = []
+    for (config, metric, module, modality, source, unit), group in with_modality(
+        timed(samples)
+    ).groupby(["config", "metric", "module", "modality", "source", "unit"], sort=True):
+        values = group["value"].to_numpy(dtype=float)
+        finite = values[np.isfinite(values)]
+        record = {
+            "config": config,
+            "metric": metric,
+            "module": module,
+            "modality": modality,
+            "source": source,
+            "unit": unit,
+            "n": len(values),
+            "n_missing": int(len(values) - len(finite)),
+        }
+        if len(finite):
+            s = summarize(finite)
+            record.update(
+                median=s.median,
+                mean=s.mean,
+                iqr=s.iqr,
+                p90=s.p90,
+                p99=s.p99,
+                rel_iqr=s.rel_iqr,
+                noisy=s.noisy,
+            )
+        records.append(record)
+    cold = samples[(samples["block"] < 0) & (samples["metric"] == "latency_cold_s")]
+    for row in cold.itertuples():
+        records.append(
+            {
+                "config": row.config,
+                "metric": row.metric,
+                "module": row.module,
+                "modality": "all",
+                "source": row.source,
+                "unit": row.unit,
+                "n": 1,
+                "n_missing": 0,
+                "median": row.value,
+                "mean": row.value,
+            }
+        )
+    return pd.DataFrame.from_records(records)
+
+
+def module_shares(samples: pd.DataFrame) -> pd.DataFrame:
+    """Each module's measured share w_i of the hooked pass, per configuration (mean over rounds).
+
+    The residue ("other": embeddings, norms, sampling, Python) makes the shares sum to 1.
+    """
+    rows = timed(samples)
+    module_rows = rows[rows["metric"] == "module_time_s"]
+    totals = rows[rows["metric"] == "hooked_block_seconds"][["config", "block", "value"]]
+    if module_rows.empty or totals.empty:
+        return pd.DataFrame(columns=["config", "module", "share", "share_sd", "rounds"])
+    merged = module_rows.merge(totals, on=["config", "block"], suffixes=("", "_total"))
+    merged["share"] = merged["value"] / merged["value_total"]
+    per_block = merged.pivot_table(index=["config", "block"], columns="module", values="share")
+    per_block["other"] = 1.0 - per_block.sum(axis=1)
+    long = per_block.reset_index().melt(
+        id_vars=["config", "block"], var_name="module", value_name="share"
+    )
+    return (
+        long.groupby(["config", "module"])["share"]
+        .agg(share="mean", share_sd="std", rounds="count")
+        .reset_index()
+    )
+
+
+def comparisons(samples: pd.DataFrame, baseline: str, seed: int = 0) -> pd.DataFrame:
+    """Δ = (base − opt)/base per configuration and compared metric, with a paired bootstrap CI."""
+    records = []
+    for metric, label in COMPARED.items():
+        table = block_values(samples, metric)
+        if table.empty or baseline not in table:
+            continue
+        sources = sorted(set(timed(samples).query("metric == @metric")["source"]))
+        for config in table.columns:
+            if config == baseline:
+                continue
+            pair = table[[baseline, config]].dropna()
+            if len(pair) < 2 or (pair <= 0).to_numpy().any():
+                continue
+            estimate = paired_delta(pair[baseline].to_numpy(), pair[config].to_numpy(), seed=seed)
+            records.append(
+                {
+                    "config": config,
+                    "metric": metric,
+                    "label": label,
+                    "delta": estimate.point,
+                    "lo": estimate.lo,
+                    "hi": estimate.hi,
+                    "rounds": estimate.n_pairs,
+                    "source": "/".join(sources),
+                }
+            )
+    return pd.DataFrame.from_records(records)
+
+
+def flags(samples: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """Warnings a reader must see: noisy metrics, zero energy windows, GPU drift, hook overhead."""
+    found = []
+    if "noisy" in summary:
+        judged = summary[
+            summary["metric"].isin([*COMPARED, "latency_e2e_s"]) & (summary["module"] == "total")
+        ]
+        for row in judged[judged["noisy"].fillna(False).astype(bool)].itertuples():
+            which = "" if row.modality == "all" else f" {row.modality} requests"
+            found.append(
+                f"noisy: {row.config} {row.metric}{which}: IQR/median {row.rel_iqr:.0%} > 10%"
+            )
+    energy = timed(samples)[timed(samples)["metric"] == "energy_j"]
+    missing = energy[~np.isfinite(energy["value"].astype(float))]
+    if len(missing):
+        found.append(f"energy: {len(missing)} window(s) read zero or failed (kept as missing)")
+    drifted = [e for e in energy["extra"] if isinstance(e, dict) and e.get("drifted")]
+    if drifted:
+        found.append(f"gpu drift: SM clock or temperature drifted in {len(drifted)} block(s)")
+    overhead = timed(samples)[timed(samples)["metric"] == "hook_overhead"]["value"]
+    if len(overhead) and float(np.median(overhead)) > 0.02:
+        found.append(
+            f"hooks: median per-module hook overhead {float(np.median(overhead)):.1%} "
+            "> 2% (shares still exclude nothing; end-to-end timings are hook-free)"
+        )
+    return found

@@ -1,0 +1,83 @@
+"""Options and helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.errors import CompoundError
+from models.checkpoint import CACHE_ENV_VAR, cache_dir, load_model_dir, load_trained
+from models.presets import DEFAULT_PRESET, PRESETS
+
+
+def add_cache_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"checkpoint cache (default ${CACHE_ENV_VAR} or ~/.cache/compound-bench)",
+    )
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help=f"model preset: {', '.join(PRESETS)} (default {DEFAULT_PRESET})",
+    )
+    group.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a local LLaVA-family checkpoint directory instead of a preset",
+    )
+    add_cache_arg(parser)
+
+
+def add_json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def load_trained_bundle(args: argparse.Namespace):
+    """The bundle named by --model or --preset: a checkpoint, or an already trained preset."""
+    if args.model is not None:
+        return load_model_dir(args.model)
+    return load_trained(args.preset or DEFAULT_PRESET, cache_dir(args.cache_dir))
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction like 0.5 or 50%, got {text!r}"
+        ) from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise CompoundError(message)

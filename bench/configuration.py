@@ -1,0 +1,91 @@
+"""What a run measures: where the model comes from, the configurations, and the run protocol."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bench.workload import WorkloadSpec
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A trained or cost-only preset (from the cache), or a checkpoint directory."""
+
+    preset: str | None = None
+    model_path: str | None = None
+    cache_dir: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def describe(self) -> str:
+        return self.model_path or str(self.preset)
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """An ordered list of transforms; the empty one is the baseline.
+
+    `slowdown` exists for calibration only: it stretches every request by a known fraction
+    (busy-waiting), giving a copy of a configuration whose true Δ is known.
+    """
+
+    name: str
+    transforms: tuple[TransformSpec, ...] = ()
+    slowdown: float = 0.0
+
+    @property
+    def is_baseline(self) -> bool:
+        return not self.transforms and self.slowdown == 0.0
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The run protocol from MEASUREMENT.md: warm-up, then rounds until both minima are met."""
+
+    warmup_requests: int = 3
+    min_rounds: int = 10
+    min_seconds: float = 20.0  # timed seconds per configuration
+    max_seconds: float | None = None  # wall budget for the timed rounds; None = no cap
+    threads: int = 2
+    seed: int = 0
+    module_pass: bool = True  # a hooked pass per block for per-module shares
+    watts_per_core: float = 7.5
+    price_per_device_hour: float = 0.10
+    grid_g_per_kwh: float = 475.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    source: ModelSource
+    configurations: tuple[Configuration, ...]
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    protocol: Protocol = field(default_factory=Protocol)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        configurations = tuple(
+            Configuration(
+                name=c["name"],
+                transforms=tuple(
+                    TransformSpec(t["name"], dict(t["params"])) for t in c["transforms"]
+                ),
+                slowdown=c.get("slowdown", 0.0),
+            )
+            for c in data["configurations"]
+        )
+        return cls(
+            source=ModelSource(**data["source"]),
+            configurations=configurations,
+            workload=WorkloadSpec(**data["workload"]),
+            protocol=Protocol(**data["protocol"]),
+        )
