@@ -84,7 +84,7 @@ def vocabulary() -> list[str]:
     """Every word any question or answer can use, in a fixed order (the tokenizer's vocabulary)."""
     words = (
         "what color is the shape how many shapes are there where relative to one "
-        "which larger smaller or numbers in last ?"
+        "which larger smaller or numbers in last centre ?"
     ).split()
     return list(dict.fromkeys([*words, *COLOURS, *SHAPES, *DIRECTIONS, *NUMBERS]))
 
@@ -105,9 +105,10 @@ def _random_scene(rng: np.random.Generator, count: int) -> tuple[SceneObject, ..
     )
 
 
-def _direction(a: SceneObject, b: SceneObject) -> str | None:
-    """Where a lies relative to b, or None when the answer would be ambiguous (diagonal tie)."""
-    dx, dy = a.col - b.col, a.row - b.row
+def _direction_from_centre(obj: SceneObject) -> str | None:
+    """Where an object lies relative to the image centre, or None on a diagonal (ambiguous)."""
+    centre = (GRID - 1) / 2
+    dx, dy = obj.col - centre, obj.row - centre
     if abs(dx) == abs(dy):
         return None
     if abs(dx) > abs(dy):
@@ -118,9 +119,11 @@ def _direction(a: SceneObject, b: SceneObject) -> str | None:
 def _image_question(rng: np.random.Generator, kind: str) -> Example | None:
     """Colour and shape questions show one object; count shows 1-4; position shows two.
 
-    Binding a word to one of several objects ("the colour of the circle") kept a decoder
-    trained from scratch at chance for 1000+ steps on 2 CPU cores (measured), beyond this
-    project's 10-minute training budget, so each question type asks one thing of the image.
+    Two-step bindings ("the colour of the circle", "the red shape relative to the blue one")
+    kept a decoder trained from scratch at chance for 1000+ steps on 2 CPU cores (measured),
+    beyond this project's 10-minute training budget. So each question needs at most one
+    binding: position asks where one named object lies relative to the image centre, with a
+    second object in the scene as a distractor.
     """
     if kind == "colour":
         (obj,) = _random_scene(rng, 1)
@@ -131,12 +134,12 @@ def _image_question(rng: np.random.Generator, kind: str) -> Example | None:
     if kind == "count":
         scene = _random_scene(rng, int(rng.integers(1, MAX_OBJECTS + 1)))
         return Example("how many shapes are there ?", str(len(scene)), kind, scene)
-    first, second = _random_scene(rng, 2)
-    direction = _direction(first, second)
+    target, distractor = _random_scene(rng, 2)
+    direction = _direction_from_centre(target)
     if direction is None:
         return None
-    question = f"where is the {first.colour} shape relative to the {second.colour} shape ?"
-    return Example(question, direction, kind, (first, second))
+    question = f"where is the {target.colour} shape relative to the centre ?"
+    return Example(question, direction, kind, (target, distractor))
 
 
 def _text_question(rng: np.random.Generator, kind: str) -> Example:

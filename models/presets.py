@@ -29,6 +29,9 @@ class TrainingSettings:
     # The randomly initialised vision tower collapses at the decoder's learning rate (measured:
     # loss stays at chance), so it learns more slowly, as in LLaVA's own recipe.
     vision_lr_scale: float = 0.1
+    # Steps of vision-tower pretraining (per-cell shape and colour classification) before the
+    # VLM stage, standing in for the pretrained CLIP a real LLaVA starts from.
+    vision_pretrain_steps: int = 300
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

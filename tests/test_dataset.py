@@ -86,8 +86,8 @@ def test_answers_are_correct_for_the_question():
         elif e.kind == "shape":
             assert e.answer == e.scene[0].shape and len(e.scene) == 1
         elif e.kind == "position":
-            first, second = e.scene
-            assert (first.colour, second.colour) == (words[3], words[8])
+            target, distractor = e.scene
+            assert target.colour == words[3] and distractor.colour != words[3]
 
 
 def test_render_draws_each_object_in_its_cell_in_its_colour():

@@ -165,3 +165,16 @@ def test_a_worker_that_dies_mid_run_is_recorded_while_others_complete(tiny_cache
     assert "died" in error
     alive = ({"a", "b"} - {dead}).pop()
     assert {b for c, b in store.completed_blocks() if c == alive and b >= 0} == {0, 1, 2}
+
+
+def test_calibrate_reports_a_minimum_detectable_effect(tiny_cache, capsys):
+    code = main(["calibrate", "--preset", "tiny", "--cache-dir", str(tiny_cache), "--budget", "6",
+                 "--requests", "2", "--threads", "1", "--planted", "0.05", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device"] == "cpu" and report["budget_s"] == 6
+    assert report["rounds"] >= 2
+    assert report["mde_pct"] > 0
+    (planted,) = report["planted"]
+    assert planted["planted_slowdown"] == 0.05
+    assert planted["ci"][0] <= planted["measured_slowdown"] <= planted["ci"][1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,19 @@ def load_trained_bundle(args: argparse.Namespace):
     return load_trained(args.preset or DEFAULT_PRESET, cache_dir(args.cache_dir))
 
 
+def _strict(value: Any) -> Any:
+    """NaN and infinity become null, so the output is strict JSON for any parser."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
 def print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, default=str)
+    json.dump(_strict(data), sys.stdout, indent=2, default=str, allow_nan=False)
     sys.stdout.write("\n")
 
 

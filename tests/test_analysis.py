@@ -1,0 +1,66 @@
+"""Analysis on synthetic stored samples with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from bench import analysis
+from bench.samples import Sample
+
+
+def _frame(samples: list[Sample]) -> pd.DataFrame:
+    return pd.DataFrame([s.to_dict() for s in samples])
+
+
+def _synthetic(rounds: int = 20, saving: float = 0.10, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for block in range(rounds):
+        drift = rng.normal(1.0, 0.05)  # shared by both configurations in a round
+        for config, factor in (("baseline", 1.0), ("fast", 1.0 - saving)):
+            latency = 0.1 * drift * factor * rng.normal(1.0, 0.005)
+            samples.append(Sample(config, block, "latency_mean_s", latency, "s"))
+            samples.append(Sample(config, block, "hooked_block_seconds", 1.0, "s"))
+            for module, seconds in (("vision_encoder", 0.3), ("layers.0.mlp", 0.5)):
+                samples.append(Sample(config, block, "module_time_s", seconds, "s", module=module))
+            for i, modality in enumerate(("image", "text", "image")):
+                samples.append(Sample(config, block, "latency_e2e_s", latency * (2 if i != 1 else 1),
+                                      "s", extra={"modality": modality}))
+    samples.append(Sample("baseline", -1, "latency_cold_s", 0.5, "s"))
+    return _frame(samples)
+
+
+def test_comparison_recovers_a_planted_saving_despite_drift():
+    result = analysis.comparisons(_synthetic(), baseline="baseline")
+    row = result[result.metric == "latency_mean_s"].iloc[0]
+    assert row.config == "fast"
+    assert abs(row.delta - 0.10) < 0.01
+    assert row.lo < 0.10 < row.hi
+
+
+def test_module_shares_sum_to_one_with_other_as_the_rest():
+    shares = analysis.module_shares(_synthetic())
+    baseline = shares[shares.config == "baseline"].set_index("module")["share"]
+    assert abs(baseline.sum() - 1.0) < 1e-12
+    assert abs(baseline["vision_encoder"] - 0.3) < 1e-12
+    assert abs(baseline["other"] - 0.2) < 1e-12
+
+
+def test_summary_splits_per_request_latency_by_modality_and_keeps_cold_start():
+    summary = analysis.summary_table(_synthetic())
+    e2e = summary[(summary.metric == "latency_e2e_s") & (summary.config == "baseline")]
+    assert set(e2e.modality) == {"image", "text"}
+    assert (e2e.set_index("modality")["n"] == pd.Series({"image": 40, "text": 20})).all()
+    cold = summary[summary.metric == "latency_cold_s"]
+    assert len(cold) == 1 and cold.iloc[0]["median"] == 0.5
+
+
+def test_flags_name_noisy_metrics_and_missing_energy():
+    frame = _synthetic()
+    extra = [Sample("baseline", b, "energy_j", float("nan"), "J", source="estimated")
+             for b in range(2)]
+    frame = pd.concat([frame, _frame(extra)], ignore_index=True)
+    found = analysis.flags(frame, analysis.summary_table(frame))
+    assert any("energy: 2 window(s)" in f for f in found)
+    assert not any(f.startswith("noisy: baseline latency_mean_s") for f in found)
