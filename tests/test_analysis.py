@@ -25,8 +25,16 @@ def _synthetic(rounds: int = 20, saving: float = 0.10, seed: int = 0) -> pd.Data
             for module, seconds in (("vision_encoder", 0.3), ("layers.0.mlp", 0.5)):
                 samples.append(Sample(config, block, "module_time_s", seconds, "s", module=module))
             for i, modality in enumerate(("image", "text", "image")):
-                samples.append(Sample(config, block, "latency_e2e_s", latency * (2 if i != 1 else 1),
-                                      "s", extra={"modality": modality}))
+                samples.append(
+                    Sample(
+                        config,
+                        block,
+                        "latency_e2e_s",
+                        latency * (2 if i != 1 else 1),
+                        "s",
+                        extra={"modality": modality},
+                    )
+                )
     samples.append(Sample("baseline", -1, "latency_cold_s", 0.5, "s"))
     return _frame(samples)
 
@@ -58,8 +66,9 @@ def test_summary_splits_per_request_latency_by_modality_and_keeps_cold_start():
 
 def test_flags_name_noisy_metrics_and_missing_energy():
     frame = _synthetic()
-    extra = [Sample("baseline", b, "energy_j", float("nan"), "J", source="estimated")
-             for b in range(2)]
+    extra = [
+        Sample("baseline", b, "energy_j", float("nan"), "J", source="estimated") for b in range(2)
+    ]
     frame = pd.concat([frame, _frame(extra)], ignore_index=True)
     found = analysis.flags(frame, analysis.summary_table(frame))
     assert any("energy: 2 window(s)" in f for f in found)

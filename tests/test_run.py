@@ -168,8 +168,24 @@ def test_a_worker_that_dies_mid_run_is_recorded_while_others_complete(tiny_cache
 
 
 def test_calibrate_reports_a_minimum_detectable_effect(tiny_cache, capsys):
-    code = main(["calibrate", "--preset", "tiny", "--cache-dir", str(tiny_cache), "--budget", "6",
-                 "--requests", "2", "--threads", "1", "--planted", "0.05", "--json"])
+    code = main(
+        [
+            "calibrate",
+            "--preset",
+            "tiny",
+            "--cache-dir",
+            str(tiny_cache),
+            "--budget",
+            "6",
+            "--requests",
+            "2",
+            "--threads",
+            "1",
+            "--planted",
+            "0.05",
+            "--json",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["device"] == "cpu" and report["budget_s"] == 6
