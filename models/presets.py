@@ -94,7 +94,12 @@ PRESETS: dict[str, Preset] = {
                 num_key_value_heads=2,
             ),
             training=TrainingSettings(
-                steps=250, batch_size=32, learning_rate=3e-3, warmup_steps=20, seed=0
+                steps=400,
+                batch_size=32,
+                learning_rate=3e-3,
+                warmup_steps=20,
+                vision_pretrain_steps=150,
+                seed=0,
             ),
         ),
         Preset(
@@ -117,7 +122,12 @@ PRESETS: dict[str, Preset] = {
                 num_key_value_heads=2,
             ),
             training=TrainingSettings(
-                steps=1500, batch_size=48, learning_rate=2e-3, warmup_steps=100, seed=0
+                steps=1800,
+                batch_size=48,
+                learning_rate=1.5e-3,
+                warmup_steps=100,
+                image_fraction=0.65,
+                seed=0,
             ),
         ),
         Preset(

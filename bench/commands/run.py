@@ -198,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True, quiet=args.json or args.no_progress)
     results_dir = args.results_dir
     if args.resume:
+        if args.preset or args.model or args.run_id:
+            raise CompoundError("--resume reuses the stored run's configuration; drop "
+                                "--preset, --model and --run-id")
         store = RunStore.open(results_dir, args.resume)
         spec = RunSpec.from_dict(store.config)
         console.print(
