@@ -122,7 +122,7 @@ PRESETS: dict[str, Preset] = {
                 num_key_value_heads=2,
             ),
             training=TrainingSettings(
-                steps=2200,
+                steps=1800,
                 batch_size=48,
                 learning_rate=1.5e-3,
                 warmup_steps=100,

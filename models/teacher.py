@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from bench.errors import CompoundError
 from models.bundle import ModelBundle
 from models.checkpoint import build_bundle, checkpoint_path, load_model_dir, save_checkpoint
 from models.evaluate import evaluate
@@ -18,8 +19,6 @@ def train_and_save(preset_name: str, cache: Path, *, show_progress: bool = True)
     """Train a preset from its seed, score it on the validation split and save it in the cache."""
     preset = get_preset(preset_name)
     if preset.training is None:
-        from bench.errors import CompoundError
-
         raise CompoundError(
             f"preset {preset_name!r} is cost-only (random weights); it cannot be trained here"
         )

@@ -30,6 +30,7 @@ from bench.store import RunStore, load_run
 from bench.workload import WorkloadSpec
 from models.checkpoint import cache_dir
 from models.presets import DEFAULT_PRESET, get_preset
+from models.teacher import ensure_trained
 
 METRIC = "latency_mean_s"
 DEFAULT_PLANTED = (0.01, 0.02, 0.05)
@@ -120,8 +121,6 @@ def _source(args: argparse.Namespace, device: str) -> ModelSource:
         return ModelSource(model_path=str(args.model), cache_dir=cache, device=device)
     preset = get_preset(args.preset or DEFAULT_PRESET)
     if not preset.cost_only:
-        from models.teacher import ensure_trained
-
         ensure_trained(preset.name, Path(cache), show_progress=not args.json)
     return ModelSource(preset=preset.name, cache_dir=cache, device=device)
 

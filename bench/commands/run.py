@@ -29,9 +29,12 @@ from bench.errors import CompoundError
 from bench.report import render_run
 from bench.runner import run_rounds
 from bench.store import RunStore, load_run
+from bench.worker import load_bundle
 from bench.workload import WorkloadSpec
 from models.checkpoint import cache_dir
+from models.evaluate import evaluate
 from models.presets import DEFAULT_PRESET, get_preset
+from models.teacher import ensure_trained
 
 DEFAULT_RESULTS = Path("results")
 
@@ -122,12 +125,13 @@ def configurations(args: argparse.Namespace) -> tuple[Configuration, ...]:
 
 def build_spec(args: argparse.Namespace) -> RunSpec:
     cache = str(cache_dir(args.cache_dir))
-    if args.model is not None:
-        source = ModelSource(model_path=str(args.model.expanduser().resolve()), cache_dir=cache)
-    else:
-        source = ModelSource(preset=get_preset(args.preset or DEFAULT_PRESET).name, cache_dir=cache)
     device = _device(args.device)
-    source = ModelSource(**{**source.__dict__, "device": device})
+    if args.model is not None:
+        model_path = str(args.model.expanduser().resolve())
+        source = ModelSource(model_path=model_path, cache_dir=cache, device=device)
+    else:
+        preset = get_preset(args.preset or DEFAULT_PRESET).name
+        source = ModelSource(preset=preset, cache_dir=cache, device=device)
     if args.min_seconds < 0 or (args.budget is not None and args.budget <= 0):
         raise CompoundError("--min-seconds must be >= 0 and --budget > 0")
     protocol = Protocol(
@@ -151,27 +155,20 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
 
 def prepare_model(spec: RunSpec, show_progress: bool) -> dict[str, Any]:
     """Train the teacher if the cache lacks it, then score it on the test split."""
-    from bench.worker import load_bundle
-    from models.evaluate import evaluate
-    from models.teacher import ensure_trained
-
     source = spec.source
+    cost_only = bool(source.preset) and get_preset(str(source.preset)).cost_only
     trained_now = False
-    if source.preset and not get_preset(source.preset).cost_only:
+    if source.preset and not cost_only:
         _, trained_now = ensure_trained(
             source.preset, Path(str(source.cache_dir)), show_progress=show_progress
         )
     bundle = load_bundle(source)
     info: dict[str, Any] = {"model": bundle.describe(), "trained_now": trained_now}
-    if bundle.trained and not get_preset_cost_only(source):
+    if bundle.trained and not cost_only:
         result = evaluate(bundle, split="test", count=400)
         info["accuracy"] = result.accuracy
         info["accuracy_by_kind"] = result.by_kind
     return info
-
-
-def get_preset_cost_only(source: ModelSource) -> bool:
-    return bool(source.preset) and get_preset(str(source.preset)).cost_only
 
 
 def analyse(store: RunStore) -> dict[str, Any]:

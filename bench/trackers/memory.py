@@ -60,8 +60,29 @@ def tensor_bytes(module: nn.Module) -> dict[str, int]:
     }
 
 
+def _vm_hwm_bytes() -> int | None:
+    """Linux's per-address-space peak RSS (VmHWM), or None where /proc is unavailable."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process over its life (Linux reports kB)."""
+    """Peak resident set size of this process over its life.
+
+    On Linux this reads VmHWM, not getrusage's ru_maxrss: a spawned worker's ru_maxrss starts
+    at its parent's peak (the kernel carries it across exec), so after the parent trained a
+    model every worker would report at least the parent's peak. VmHWM belongs to the worker's
+    own address space.
+    """
+    hwm = _vm_hwm_bytes()
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
