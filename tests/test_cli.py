@@ -126,8 +126,9 @@ def test_other_input_errors(capsys, argv, fragment):
 
 
 def test_resume_with_other_model_options_is_refused(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "run", "--resume", "x", "--preset", "tiny",
-                           "--results-dir", str(tmp_path))
+    code, _, err = run_cli(
+        capsys, "run", "--resume", "x", "--preset", "tiny", "--results-dir", str(tmp_path)
+    )
     assert_one_line_error(code, err, "--resume reuses")
     code, _, err = run_cli(capsys, "run", "--resume", "missing", "--results-dir", str(tmp_path))
     assert_one_line_error(code, err, "missing")

@@ -20,7 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.analysis import block_values
-from bench.commands.common import add_json_arg, add_model_args, positive_int, print_json
+from bench.commands.common import (
+    add_json_arg,
+    add_model_args,
+    positive_int,
+    print_json,
+    resolve_device,
+)
 from bench.configuration import Configuration, ModelSource, Protocol, RunSpec
 from bench.environment import collect_environment
 from bench.errors import CompoundError
@@ -131,13 +137,7 @@ def run(args: argparse.Namespace) -> int:
     planted = tuple(args.planted or DEFAULT_PLANTED)
     if any(not 0 < p < 1 for p in planted):
         raise CompoundError("--planted slowdowns must be fractions in (0, 1), e.g. 0.02")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CompoundError("--device cuda asked for, but CUDA is not available on this machine")
-    device = (
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = resolve_device(args.device)
     spec = RunSpec(
         source=_source(args, device),
         configurations=_configurations(planted),

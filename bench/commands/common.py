@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench.errors import CompoundError
 from models.checkpoint import CACHE_ENV_VAR, cache_dir, load_model_dir, load_trained
 from models.presets import DEFAULT_PRESET, PRESETS
@@ -93,3 +95,12 @@ def fraction(text: str) -> float:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise CompoundError(message)
+
+
+def resolve_device(choice: str) -> str:
+    """`auto` means CUDA when available; asking for CUDA without it is a user error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise CompoundError("--device cuda asked for, but CUDA is not available on this machine")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice

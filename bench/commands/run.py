@@ -22,6 +22,7 @@ from bench.commands.common import (
     fraction,
     positive_int,
     print_json,
+    resolve_device,
 )
 from bench.configuration import Configuration, ModelSource, Protocol, RunSpec
 from bench.environment import collect_environment
@@ -110,14 +111,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def _device(choice: str) -> str:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise CompoundError("--device cuda asked for, but CUDA is not available on this machine")
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
-
-
 def configurations(args: argparse.Namespace) -> tuple[Configuration, ...]:
     """The configurations the suite measures (the baseline; transforms arrive with the registry)."""
     return (Configuration("baseline"),)
@@ -125,7 +118,7 @@ def configurations(args: argparse.Namespace) -> tuple[Configuration, ...]:
 
 def build_spec(args: argparse.Namespace) -> RunSpec:
     cache = str(cache_dir(args.cache_dir))
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if args.model is not None:
         model_path = str(args.model.expanduser().resolve())
         source = ModelSource(model_path=model_path, cache_dir=cache, device=device)
@@ -196,8 +189,10 @@ def run(args: argparse.Namespace) -> int:
     results_dir = args.results_dir
     if args.resume:
         if args.preset or args.model or args.run_id:
-            raise CompoundError("--resume reuses the stored run's configuration; drop "
-                                "--preset, --model and --run-id")
+            raise CompoundError(
+                "--resume reuses the stored run's configuration; drop "
+                "--preset, --model and --run-id"
+            )
         store = RunStore.open(results_dir, args.resume)
         spec = RunSpec.from_dict(store.config)
         console.print(
