@@ -55,7 +55,9 @@ class Protocol:
     max_seconds: float | None = None  # wall budget for the timed rounds; None = no cap
     threads: int = 2
     seed: int = 0
-    module_pass: bool = True  # a hooked pass per block for per-module shares
+    # A hooked pass (per-module shares) after every n-th block; 0 = never. Shares are means over
+    # those blocks with their spread (share_sd); hooking every block would double the run time.
+    module_pass_every: int = 4
     watts_per_core: float = 7.5
     price_per_device_hour: float = 0.10
     grid_g_per_kwh: float = 475.0
@@ -63,10 +65,19 @@ class Protocol:
 
 @dataclass(frozen=True)
 class RunSpec:
+    """A suite: the model, the configurations the designs produced, workload and protocol.
+
+    `transforms` is the suite's transform list in stacking order (those that can run here),
+    and `designs` the designs that built `configurations` from it; the verdict reads both.
+    """
+
     source: ModelSource
     configurations: tuple[Configuration, ...]
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     protocol: Protocol = field(default_factory=Protocol)
+    transforms: tuple[TransformSpec, ...] = ()
+    designs: tuple[str, ...] = ()
+    aa_control: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,9 +87,7 @@ class RunSpec:
         configurations = tuple(
             Configuration(
                 name=c["name"],
-                transforms=tuple(
-                    TransformSpec(t["name"], dict(t["params"])) for t in c["transforms"]
-                ),
+                transforms=_specs(c["transforms"]),
                 slowdown=c.get("slowdown", 0.0),
             )
             for c in data["configurations"]
@@ -88,4 +97,11 @@ class RunSpec:
             configurations=configurations,
             workload=WorkloadSpec(**data["workload"]),
             protocol=Protocol(**data["protocol"]),
+            transforms=_specs(data.get("transforms", [])),
+            designs=tuple(data.get("designs", [])),
+            aa_control=data.get("aa_control", False),
         )
+
+
+def _specs(records: list[dict[str, Any]]) -> tuple[TransformSpec, ...]:
+    return tuple(TransformSpec(t["name"], dict(t["params"])) for t in records)

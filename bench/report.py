@@ -28,6 +28,8 @@ HEADLINE: tuple[tuple[str, str, str, float, str], ...] = (
     ("cost_usd_per_1k", "all", "$ per 1k requests", 1.0, "{:.5f}"),
     ("co2_g", "all", "gCO2 per block", 1.0, "{:.4f}"),
 )
+# The columns the terminal's per-configuration table shows (report.md has everything).
+TERMINAL_METRICS = ("latency_mean_s", "latency_e2e_s", "energy_j", "peak_rss_bytes")
 SOURCE_MARK = {"measured": "", "estimated": " est", "derived": " der", "declared": " decl"}
 
 
@@ -46,46 +48,60 @@ def _cell(
     return text + SOURCE_MARK.get(row["source"], "")
 
 
-def configuration_table(summary: pd.DataFrame) -> Table:
+def configuration_table(summary: pd.DataFrame, accuracy: dict[str, dict[str, float]]) -> Table:
+    """One row per configuration: the headline medians and its accuracy."""
     configs = list(dict.fromkeys(summary["config"]))
-    table = Table(title="medians ±IQR/median (est = estimated, der = derived; rest measured)")
-    table.add_column("metric")
+    columns = [h for h in HEADLINE if h[0] in TERMINAL_METRICS]
+    table = Table(title="per configuration: medians ±IQR/median (est = estimated)")
+    table.add_column("configuration", overflow="fold")
+    for column in columns:
+        table.add_column(column[2], justify="right", overflow="fold")
+    table.add_column("accuracy image/text", justify="right")
     for config in configs:
-        table.add_column(config, justify="right")
-    for metric, modality, label, scale, fmt in HEADLINE:
-        cells = [_cell(summary, c, metric, modality, scale, fmt) for c in configs]
-        if any(cells):
-            table.add_row(label, *[cell or "-" for cell in cells])
+        cells = [
+            _cell(summary, config, m, mod, scale, fmt) or "-" for m, mod, _, scale, fmt in columns
+        ]
+        acc = accuracy.get(config) or {}
+        score = "/".join(f"{acc[k]:.1%}" for k in ("image", "text") if k in acc) or "-"
+        table.add_row(config, *cells, score)
     return table
 
 
-def shares_table(shares: pd.DataFrame, config: str) -> Table:
-    """Module shares, with decoder layers folded into attention / mlp totals for readability."""
-    table = Table(title=f"measured module shares w_i ({config}, hooked pass)")
-    table.add_column("module")
-    table.add_column("share", justify="right")
-    rows = shares[shares.config == config].copy()
-    rows["group"] = rows["module"].str.replace(r"^layers\.\d+\.", "decoder ", regex=True)
-    grouped = rows.groupby("group", sort=False)["share"].sum()
-    for module, share in grouped.sort_values(ascending=False).items():
-        table.add_row(module, f"{share:.1%}")
-    table.add_row("sum", f"{grouped.sum():.3f}")
-    return table
-
-
-def comparison_table(comparisons: pd.DataFrame) -> Table:
-    table = Table(title="Δ vs baseline (positive = saving), 95% bootstrap CI over paired rounds")
-    for column in ("configuration", "metric", "Δ", "95% CI", "source"):
-        table.add_column(column)
-    for row in comparisons.itertuples():
+def verdict_table(verdict: dict[str, Any]) -> Table:
+    stack = " + ".join(verdict["transforms"])
+    table = Table(title=f"verdict: do the savings compound? stack = {stack}")
+    for column in (
+        "metric",
+        "measured stack Δ",
+        "eq 4.2",
+        "hier.",
+        "residual",
+        "verdict",
+        "source",
+    ):
+        table.add_column(column, overflow="fold")
+    for row in verdict["metrics"]:
         table.add_row(
-            row.config,
-            row.label,
-            f"{row.delta:+.2%}",
-            f"[{row.lo:+.2%}, {row.hi:+.2%}]",
-            row.source,
+            row["label"],
+            _interval(row["measured"]),
+            _interval(row["predicted_independent"]),
+            _pct(row["predicted_hierarchical"]),
+            _interval(row["residual"]),
+            Text(row["word"], style="bold"),
+            _interval(row.get("aa_control")),
+            row["source"],
         )
     return table
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or pd.isna(value) else f"{value:+.1%}"
+
+
+def _interval(data: dict[str, float] | None) -> str:
+    if not data:
+        return "-"
+    return f"{_pct(data['point'])} [{_pct(data['lo'])}, {_pct(data['hi'])}]"
 
 
 def render_run(meta: dict[str, Any], tables: dict[str, Any]) -> Group:
@@ -94,20 +110,42 @@ def render_run(meta: dict[str, Any], tables: dict[str, Any]) -> Group:
     trained = "trained" if model.get("trained") else "UNTRAINED (random weights, cost only)"
     params = model.get("params", 0)
     header = f"run {meta['run_id']}: {model.get('preset')} ({params:,} params, {trained})"
-    if meta.get("accuracy"):
-        header += "; test accuracy " + ", ".join(
-            f"{k} {v:.1%}" for k, v in meta["accuracy"].items()
-        )
     header += f"; {meta.get('rounds')} rounds on {meta['environment'].get('device')}"
     parts.append(Text(header, style="bold"))
-    parts.append(configuration_table(tables["summary"]))
-    shares = tables["shares"]
-    if not shares.empty:
-        parts.append(shares_table(shares, str(shares.config.iloc[0])))
-    if not tables["comparisons"].empty:
-        parts.append(comparison_table(tables["comparisons"]))
+    verdict = tables["verdict"]
+    accuracy = (verdict.get("accuracy") or {}).get("accuracy") or {}
+    if not accuracy and meta.get("accuracy"):
+        accuracy = {"baseline": meta["accuracy"]}
+    parts.append(configuration_table(tables["summary"], accuracy))
+    if verdict["metrics"]:
+        parts.append(verdict_table(verdict))
+    for row in verdict["metrics"]:
+        if row["note"]:
+            parts.append(Text(f"{row['label']}: {row['note']}"))
+    if verdict.get("accuracy"):
+        acc = verdict["accuracy"]
+        parts.append(
+            Text(
+                f"accuracy: stacked drop {_interval(acc['stacked_drop'])} vs summed single "
+                f"drops {_interval(acc['sum_single_drops'])}: {acc['word']}"
+            )
+        )
+    for line in [
+        *verdict["problems"],
+        *(f"left out: {k}: {v}" for k, v in verdict["excluded"].items()),
+    ]:
+        parts.append(Text(line, style="yellow"))
+    noisy = [f for f in tables["flags"] if f.startswith("noisy")]
     for flag in tables["flags"]:
-        parts.append(Text(f"flag: {flag}", style="yellow"))
+        if not flag.startswith("noisy"):
+            parts.append(Text(f"flag: {flag}", style="yellow"))
+    if noisy:
+        parts.append(
+            Text(
+                f"flag: {len(noisy)} noisy metric(s) (IQR/median > 10%); see report.md",
+                style="yellow",
+            )
+        )
     for failure in tables["failures"].to_dict(orient="records"):
         parts.append(Text(f"failed: {failure['config']}: {failure['error']}", style="red"))
     return Group(*parts)

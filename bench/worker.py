@@ -47,7 +47,8 @@ def apply_configuration(bundle: ModelBundle, configuration: Configuration) -> Mo
         return bundle
     from optimizations.registry import apply_transforms
 
-    return apply_transforms(bundle, configuration.transforms)
+    # In place: the worker never needs the baseline, and two copies would inflate its peak RSS.
+    return apply_transforms(bundle, configuration.transforms, copy=False)
 
 
 def _busy_wait(seconds: float) -> None:
@@ -96,6 +97,27 @@ class Worker:
         ]
         for i in range(self.spec.protocol.warmup_requests):
             self.serve(self.requests[i % len(self.requests)])
+        # What the transforms logged while applied and warming up (the first wake is cold).
+        return samples + self.transform_figures(COLD, t_start, time.time())
+
+    def transform_figures(self, block: int, t_start: float, t_end: float) -> list[Sample]:
+        """Drain what the transforms logged while serving (wake latency, tokens kept, ...)."""
+        log = self.bundle.metadata.get("figures", [])
+        samples = [
+            Sample(
+                self.name,
+                block,
+                figure["metric"],
+                float(figure["value"]),
+                figure["unit"],
+                module=figure.get("module", "total"),
+                source=figure.get("source", "measured"),
+                t_start=t_start,
+                t_end=t_end,
+            )
+            for figure in log
+        ]
+        log.clear()
         return samples
 
     def run_block(self, block: int) -> list[Sample]:
@@ -165,8 +187,10 @@ class Worker:
             )
         )
         samples += [carbon_sample(s, protocol.grid_g_per_kwh) for s in energy_samples]
-        if protocol.module_pass:
+        samples += self.transform_figures(block, t_start, t_end)
+        if protocol.module_pass_every and block % protocol.module_pass_every == 0:
             samples += self.module_pass(block, wall)
+            self.bundle.metadata.get("figures", []).clear()  # the hooked pass is not timed
         return samples
 
     def module_pass(self, block: int, unhooked_seconds: float) -> list[Sample]:

@@ -105,6 +105,15 @@ class Param:
         }
 
 
+def figure_log(bundle: ModelBundle) -> list[dict[str, Any]]:
+    """Where a transform logs what it observes while serving (a wake's latency, tokens kept).
+
+    Each entry is {"metric", "value", "unit"} plus optional "module" and "source"; the worker
+    drains the log after every timed block into that block's samples.
+    """
+    return bundle.metadata.setdefault("figures", [])
+
+
 def register(cls: type[Transform]) -> type[Transform]:
     """Class decorator: make a transform available by its name."""
     known = TRANSFORMS.get(cls.name)

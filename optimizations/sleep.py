@@ -34,7 +34,7 @@ from torch import nn
 
 from bench.errors import CompoundError
 from models.bundle import ModelBundle
-from optimizations.base import Param, Transform, register
+from optimizations.base import Param, Transform, figure_log, register
 
 MODES = ("auto", "cuda-pinned", "checkpoint", "cpu-copy")
 
@@ -154,10 +154,17 @@ def _checkpoint_store(bundle: ModelBundle, slots: list[_Slot]) -> tuple[Any, str
 class _Sleeper:
     """Owns the sleeping weights; its bound methods are the hooks (so clones stay consistent)."""
 
-    def __init__(self, groups: dict[str, list[_Slot]], store: Any, record: dict[str, Any]):
+    def __init__(
+        self,
+        groups: dict[str, list[_Slot]],
+        store: Any,
+        record: dict[str, Any],
+        figures: list[dict[str, Any]],
+    ):
         self.groups = groups  # handle name → its slots
         self.store = store
         self.record = record
+        self.figures = figures
         self.asleep: set[str] = set()
         self.cuda = any(s.device.type == "cuda" for slots in groups.values() for s in slots)
 
@@ -184,7 +191,11 @@ class _Sleeper:
                 slot.parameter.data = tensor
         if self.cuda:
             torch.cuda.synchronize()
-        self.record["wake_seconds"].append(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.record["wake_seconds"].append(seconds)
+        self.figures.append(
+            {"metric": "sleep_wake_s", "value": seconds, "unit": "s", "module": "vision_encoder"}
+        )
         self.record["wakes"] += 1
         self.asleep -= set(waking)
         self.record["asleep"] = sorted(self.asleep)
@@ -275,7 +286,17 @@ class VisionSleep(Transform):
             "wake_seconds": [],
         }
         bundle.metadata["sleep"] = record
-        sleeper = _Sleeper(groups, store, record)
+        figures = figure_log(bundle)
+        figures.append(
+            {
+                "metric": "sleep_bytes_freed",
+                "value": record["bytes_freed"],
+                "unit": "bytes",
+                "module": "vision_encoder",
+                "source": "derived",  # summed from the sleeping tensors' sizes
+            }
+        )
+        sleeper = _Sleeper(groups, store, record, figures)
         bundle.vision_encoder.register_forward_pre_hook(sleeper.before_vision)
         bundle.vision_encoder.register_forward_hook(sleeper.after_vision)
         if "projector" in groups:

@@ -42,7 +42,7 @@ from transformers import DynamicCache
 
 from bench.errors import CompoundError
 from models.bundle import ModelBundle
-from optimizations.base import Param, Transform, register
+from optimizations.base import Param, Transform, figure_log, register
 
 
 def _take(tensor: torch.Tensor, keep: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -95,6 +95,7 @@ class _Pruner:
     """Per-call state and the hooks; its bound methods are the hooks, so clones stay consistent."""
 
     def __init__(self, bundle: ModelBundle, layer: int, keep_ratio: float, threshold: float | None):
+        self.figures = figure_log(bundle)
         self.image_token_id = bundle.model.config.image_token_id
         self.first = bundle.decoder_layers[layer]
         self.keep_ratio = keep_ratio
@@ -164,6 +165,9 @@ class _Pruner:
         else:
             above = ((scores >= self.threshold) & image).sum(dim=1)
             kept = max(1, int(above.max()))
+        self.figures.append(
+            {"metric": "pruning_kept_fraction", "value": kept / total, "unit": "fraction"}
+        )
         self.record["requests"].append(
             {
                 "image_tokens": total,
@@ -225,7 +229,14 @@ class VisualTokenPruning(Transform):
     lossless = False
     tolerance = None
     params = (
-        Param("layer", int, 2, "K: the first decoder layer that sees only kept tokens", low=0),
+        Param(
+            "layer",
+            int,
+            None,
+            "K: the first decoder layer that sees only kept tokens (default: half the depth)",
+            low=0,
+            nullable=True,
+        ),
         Param(
             "keep_ratio",
             float,
@@ -246,8 +257,14 @@ class VisualTokenPruning(Transform):
         ),
     )
 
+    def first_layer(self, bundle: ModelBundle) -> int:
+        """K as given, else half the decoder's depth (FastV prunes early; a small model needs
+        a few layers to rank the image tokens)."""
+        chosen = self.values["layer"]
+        return len(bundle.decoder_layers) // 2 if chosen is None else chosen
+
     def target_handles(self, bundle: ModelBundle) -> list[str]:
-        first = self.values["layer"]
+        first = self.first_layer(bundle)
         return [
             f"layers.{i}.{kind}"
             for i in range(first, len(bundle.decoder_layers))
@@ -256,13 +273,14 @@ class VisualTokenPruning(Transform):
 
     def validate_for(self, bundle: ModelBundle) -> None:
         layers = len(bundle.decoder_layers)
-        if self.values["layer"] >= layers:
+        first = self.first_layer(bundle)
+        if first >= layers:
             raise CompoundError(
                 f"transform {self.name}: parameter 'layer' must be < the number of decoder "
-                f"layers ({layers}), got {self.values['layer']}"
+                f"layers ({layers}), got {first}"
             )
-        layer = bundle.decoder_layers[self.values["layer"]]
-        attention = bundle.attention(self.values["layer"])
+        layer = bundle.decoder_layers[first]
+        attention = bundle.attention(first)
         needed = [
             (layer, "input_layernorm"),
             (attention, "q_proj"),
@@ -277,10 +295,9 @@ class VisualTokenPruning(Transform):
         super().validate_for(bundle)
 
     def apply_in_place(self, bundle: ModelBundle) -> None:
-        pruner = _Pruner(
-            bundle, self.values["layer"], self.values["keep_ratio"], self.values["threshold"]
-        )
+        first = self.first_layer(bundle)
+        pruner = _Pruner(bundle, first, self.values["keep_ratio"], self.values["threshold"])
         bundle.metadata["pruning"] = pruner.record
         bundle.model.register_forward_pre_hook(pruner.on_model_call, with_kwargs=True)
-        for layer in bundle.decoder_layers[self.values["layer"] :]:
+        for layer in bundle.decoder_layers[first:]:
             layer.register_forward_pre_hook(pruner.before_layer, with_kwargs=True)

@@ -22,6 +22,8 @@ from bench.workload import WorkloadSpec
 QUICK = [
     "--preset",
     "tiny",
+    "--transforms",
+    "none",
     "--requests",
     "3",
     "--new-tokens",
@@ -127,7 +129,7 @@ def _spec(tiny_cache: Path, configurations) -> RunSpec:
         configurations=tuple(configurations),
         workload=WorkloadSpec(requests_per_block=2, new_tokens=2),
         protocol=Protocol(
-            min_rounds=3, min_seconds=0.0, threads=1, module_pass=False, warmup_requests=1
+            min_rounds=3, min_seconds=0.0, threads=1, module_pass_every=0, warmup_requests=1
         ),
     )
 

@@ -16,8 +16,7 @@ from models.bundle import ModelBundle
 from models.checkpoint import build_bundle, load_model_dir, save_checkpoint
 from models.dataset import make_examples
 from models.prompting import Request, model_inputs
-from optimizations import registry
-from optimizations.base import Transform, unmet_requirement
+from optimizations.base import unmet_requirement
 from optimizations.registry import (
     apply_transforms,
     check_lossless,
@@ -25,6 +24,7 @@ from optimizations.registry import (
     list_transforms,
 )
 from optimizations.token_pruning import last_token_attention
+from tests.fakes import install_fakes
 
 NEW_TOKENS = 4
 TINY_IMAGE_TOKENS = 16  # (32 / 8)² patches
@@ -67,46 +67,9 @@ def prefill_logits(bundle: ModelBundle, request: Request) -> torch.Tensor:
     return bundle.model(**model_inputs(bundle, [request])).logits
 
 
-class _NeedsCuda(Transform):
-    name = "test_needs_cuda"
-    description = "test only"
-    targets = ("lm_head",)
-    lossless = True
-    tolerance = 0.0
-    requires = frozenset({"cuda"})
-
-    def apply_in_place(self, bundle: ModelBundle) -> None:
-        pass
-
-
-class _ClashesWithFused(_NeedsCuda):
-    name = "test_clash"
-    requires = frozenset()
-    conflicts_with = frozenset({"fused_qkv"})
-
-
-class _Broken(_NeedsCuda):
-    """Claims to be lossless but zeroes one projection: the lossless check must catch it."""
-
-    name = "test_broken"
-    requires = frozenset()
-
-    def apply_in_place(self, bundle: ModelBundle) -> None:
-        with torch.no_grad():
-            bundle.attention(0).v_proj.weight.zero_()
-
-
-class _TargetsNothing(_NeedsCuda):
-    name = "test_targets_nothing"
-    requires = frozenset()
-    targets = ("layers.*.cross_attention",)
-
-
 @pytest.fixture()
 def test_transforms(monkeypatch):
-    registry.transform_classes()  # discover the real ones first
-    for cls in (_NeedsCuda, _ClashesWithFused, _Broken, _TargetsNothing):
-        monkeypatch.setitem(registry.TRANSFORMS, cls.name, cls)
+    install_fakes(monkeypatch)
 
 
 # --- registry ---------------------------------------------------------------------------------
@@ -117,7 +80,7 @@ def test_list_transforms_describes_every_transform():
     pruning = listed["token_pruning"]
     assert pruning["lossless"] is False and pruning["tolerance"] is None
     params = {p["name"]: p for p in pruning["params"]}
-    assert params["layer"]["default"] == 2 and params["layer"]["type"] == "int"
+    assert params["layer"]["default"] is None and params["layer"]["type"] == "int | None"
     assert params["keep_ratio"]["range"] == "(0, 1]"
     assert params["threshold"]["type"] == "float | None" and params["threshold"]["default"] is None
     assert listed["fused_qkv"]["lossless"] is True and listed["fused_qkv"]["tolerance"] > 0
@@ -134,8 +97,8 @@ def test_unknown_transform_lists_known_names():
     [
         ("token_pruning", {"ratio": 0.5}, r"unknown parameter 'ratio' \(known: layer, keep_r"),
         ("token_pruning", {"keep_ratio": "0.5"}, r"'keep_ratio' must be float, got str"),
-        ("token_pruning", {"layer": True}, r"'layer' must be int, got bool"),
-        ("token_pruning", {"layer": 1.0}, r"'layer' must be int, got float"),
+        ("token_pruning", {"layer": True}, r"'layer' must be int \| None, got bool"),
+        ("token_pruning", {"layer": 1.0}, r"'layer' must be int \| None, got float"),
         ("token_pruning", {"keep_ratio": 0.0}, r"'keep_ratio' must be in \(0, 1\], got 0.0"),
         ("token_pruning", {"keep_ratio": 1.5}, r"must be in \(0, 1\], got 1.5"),
         ("token_pruning", {"threshold": -0.1}, r"'threshold' must be in \[0, 1\]"),
@@ -152,7 +115,7 @@ def test_parameter_errors_are_one_line(name, params, message):
 
 def test_parameters_fill_defaults_and_widen_int_to_float():
     transform = get_transform("token_pruning", {"keep_ratio": 1, "threshold": None})
-    assert transform.values == {"layer": 2, "keep_ratio": 1.0, "threshold": None}
+    assert transform.values == {"layer": None, "keep_ratio": 1.0, "threshold": None}
     assert isinstance(transform.values["keep_ratio"], float)
 
 
@@ -190,7 +153,7 @@ def test_targets_must_match_a_handle(tiny, test_transforms):
 
 def test_pruning_layer_must_exist(tiny):
     with pytest.raises(CompoundError, match=r"'layer' must be < the number of decoder layers"):
-        get_transform("token_pruning").apply(tiny)  # default K = 2, tiny has 2 layers
+        get_transform("token_pruning", {"layer": 2}).apply(tiny)  # tiny has 2 layers
 
 
 def test_targets_resolve_to_handles(tiny):

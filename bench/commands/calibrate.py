@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             min_seconds=0.0,
             max_seconds=args.budget,
             threads=args.threads or torch.get_num_threads(),
-            module_pass=False,
+            module_pass_every=0,
         ),
     )
     keep = args.results_dir is not None

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from bench.configuration import TransformSpec
 from bench.errors import CompoundError
 from models.checkpoint import CACHE_ENV_VAR, cache_dir, load_model_dir, load_trained
 from models.presets import DEFAULT_PRESET, PRESETS
@@ -65,9 +66,13 @@ def _strict(value: Any) -> Any:
     return value
 
 
+def json_text(data: Any) -> str:
+    """Strict JSON (NaN and infinity as null), indented, with a final newline."""
+    return json.dumps(_strict(data), indent=2, default=str, allow_nan=False) + "\n"
+
+
 def print_json(data: Any) -> None:
-    json.dump(_strict(data), sys.stdout, indent=2, default=str, allow_nan=False)
-    sys.stdout.write("\n")
+    sys.stdout.write(json_text(data))
 
 
 def positive_int(text: str) -> int:
@@ -104,3 +109,34 @@ def resolve_device(choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice
+
+
+def _param_value(text: str) -> Any:
+    """A parameter value as typed: JSON numbers, true/false and null, else the bare string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_transforms(names: str, assignments: list[str] | None) -> tuple[TransformSpec, ...]:
+    """`a,b` plus `--param a.key=value` flags → validated TransformSpecs, in the order given."""
+    from optimizations.registry import get_transform
+
+    ordered = [n.strip() for n in names.split(",") if n.strip()]
+    params: dict[str, dict[str, Any]] = {name: {} for name in ordered}
+    for assignment in assignments or []:
+        target, _, value = assignment.partition("=")
+        transform, _, key = target.partition(".")
+        if not value or not key:
+            raise CompoundError(f"--param expects TRANSFORM.NAME=VALUE, got {assignment!r}")
+        if transform not in params:
+            raise CompoundError(
+                f"--param {assignment}: transform {transform!r} is not in --transforms"
+            )
+        params[transform][key] = _param_value(value)
+    specs = []
+    for name in ordered:
+        transform = get_transform(name, params[name])  # unknown names and bad values fail here
+        specs.append(TransformSpec(name, dict(transform.values)))
+    return tuple(specs)

@@ -1,14 +1,17 @@
-"""`compound run`: the main job. Train the teacher if needed, evaluate it, measure the suite.
+"""`compound run`: the main job. Train the teacher if needed, check and score every
+configuration, measure the suite, and judge whether the savings compound.
 
 Results land in results/<run-id>/: run.json (configuration, environment, accuracy), samples.jsonl
-(raw, appended per block), summary.csv, module_shares.csv and comparisons.csv. A killed run
-continues with `compound run --resume <run-id>`, losing no finished block and repeating none.
+(raw, appended per block, with the preflight records), summary.csv, module_shares.csv,
+comparisons.csv, verdict.json and report.md. A killed run continues with
+`compound run --resume <run-id>`, losing no finished block and repeating none.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +23,69 @@ from bench.commands.common import (
     add_json_arg,
     add_model_args,
     fraction,
+    json_text,
+    parse_transforms,
     positive_int,
     print_json,
     resolve_device,
 )
-from bench.configuration import Configuration, ModelSource, Protocol, RunSpec
+from bench.configuration import ModelSource, Protocol, RunSpec, TransformSpec
+from bench.designs import BASELINE, DESIGNS, build_configurations, parse_designs
 from bench.environment import collect_environment
 from bench.errors import CompoundError
+from bench.judge import judge
+from bench.preflight import REJECTED, run_preflight, unmet_requirements
 from bench.report import render_run
+from bench.report_md import markdown_report
 from bench.runner import run_rounds
 from bench.store import RunStore, load_run
 from bench.worker import load_bundle
 from bench.workload import WorkloadSpec
+from models.bundle import ModelBundle
 from models.checkpoint import cache_dir
-from models.evaluate import evaluate
 from models.presets import DEFAULT_PRESET, get_preset
 from models.teacher import ensure_trained
 
 DEFAULT_RESULTS = Path("results")
+DEFAULT_TRANSFORMS = "vision_sleep,token_pruning,fused_qkv"
+DEFAULT_DESIGNS = "singles,leave-one-out"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="run the benchmark suite (the main job)")
     add_model_args(parser)
+    parser.add_argument(
+        "--transforms",
+        default=DEFAULT_TRANSFORMS,
+        metavar="A,B,...",
+        help=f"transforms in stacking order, or 'none' (default {DEFAULT_TRANSFORMS}; "
+        "see `compound transforms`)",
+    )
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="T.NAME=VALUE",
+        help="a transform parameter, e.g. token_pruning.keep_ratio=0.25 (repeatable)",
+    )
+    parser.add_argument(
+        "--design",
+        default=DEFAULT_DESIGNS,
+        metavar="D,...",
+        help=f"{', '.join(DESIGNS)}; comma-separated (default {DEFAULT_DESIGNS})",
+    )
+    parser.add_argument(
+        "--no-aa-control",
+        action="store_true",
+        help="skip the A/A control (a second baseline process that measures process noise)",
+    )
+    parser.add_argument(
+        "--eval-examples",
+        type=int,
+        default=400,
+        metavar="N",
+        help="held-out examples scored per configuration, half image (0: no accuracy)",
+    )
     parser.add_argument(
         "--device",
         default="auto",
@@ -111,9 +154,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def configurations(args: argparse.Namespace) -> tuple[Configuration, ...]:
-    """The configurations the suite measures (the baseline; transforms arrive with the registry)."""
-    return (Configuration("baseline"),)
+def suite_transforms(args: argparse.Namespace) -> tuple[TransformSpec, ...]:
+    if args.transforms.strip().lower() in ("", "none"):
+        if args.param:
+            raise CompoundError("--param given, but --transforms is none")
+        return ()
+    return parse_transforms(args.transforms, args.param)
 
 
 def build_spec(args: argparse.Namespace) -> RunSpec:
@@ -127,6 +173,8 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         source = ModelSource(preset=preset, cache_dir=cache, device=device)
     if args.min_seconds < 0 or (args.budget is not None and args.budget <= 0):
         raise CompoundError("--min-seconds must be >= 0 and --budget > 0")
+    if args.eval_examples < 0:
+        raise CompoundError(f"--eval-examples must be >= 0, got {args.eval_examples}")
     protocol = Protocol(
         min_rounds=args.min_rounds,
         min_seconds=args.min_seconds,
@@ -143,11 +191,25 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         new_tokens=args.new_tokens,
         seed=args.seed,
     )
-    return RunSpec(source, configurations(args), workload, protocol)
+    transforms = suite_transforms(args)
+    designs = parse_designs(args.design)
+    aa_control = not args.no_aa_control
+    configurations = build_configurations(transforms, designs, aa_control)
+    return RunSpec(source, configurations, workload, protocol, transforms, designs, aa_control)
 
 
-def prepare_model(spec: RunSpec, show_progress: bool) -> dict[str, Any]:
-    """Train the teacher if the cache lacks it, then score it on the test split."""
+def drop_unrunnable(spec: RunSpec, bundle: ModelBundle) -> tuple[RunSpec, dict[str, str]]:
+    """Leave out transforms whose requirements this machine cannot meet, saying why."""
+    skipped = unmet_requirements(spec.transforms, bundle)
+    if not skipped:
+        return spec, {}
+    kept = tuple(t for t in spec.transforms if t.name not in skipped)
+    configurations = build_configurations(kept, spec.designs, spec.aa_control)
+    return replace(spec, transforms=kept, configurations=configurations), skipped
+
+
+def prepare_model(spec: RunSpec, show_progress: bool) -> tuple[dict[str, Any], ModelBundle]:
+    """Train the teacher if the cache lacks it; the loaded baseline and what describes it."""
     source = spec.source
     cost_only = bool(source.preset) and get_preset(str(source.preset)).cost_only
     trained_now = False
@@ -156,36 +218,57 @@ def prepare_model(spec: RunSpec, show_progress: bool) -> dict[str, Any]:
             source.preset, Path(str(source.cache_dir)), show_progress=show_progress
         )
     bundle = load_bundle(source)
-    info: dict[str, Any] = {"model": bundle.describe(), "trained_now": trained_now}
-    if bundle.trained and not cost_only:
-        result = evaluate(bundle, split="test", count=400)
-        info["accuracy"] = result.accuracy
-        info["accuracy_by_kind"] = result.by_kind
-    return info
+    return {"model": bundle.describe(), "trained_now": trained_now}, bundle
 
 
-def analyse(store: RunStore) -> dict[str, Any]:
-    """Recompute every table from the stored samples and write them next to them."""
+def preflight(
+    store: RunStore, spec: RunSpec, bundle: ModelBundle | None, eval_examples: int, say
+) -> None:
+    """Check and score the configurations not yet checked (all of them, unless resuming)."""
+    done = {record["config"] for record in store.extras("preflight")}
+    todo = [c for c in spec.configurations if c.name not in done]
+    if not todo:
+        return
+    bundle = bundle or load_bundle(spec.source)
+    count = eval_examples if bundle.trained else 0  # random weights: nothing to score
+    for result in run_preflight(bundle, todo, spec.workload, count, say):
+        store.record_extra("preflight", result.to_dict())
+        if result.status == REJECTED:
+            store.record_failure(result.config, f"rejected: {result.reason}")
+        if result.config == BASELINE and result.accuracy:
+            store.update_meta("accuracy", result.accuracy)
+            store.update_meta("accuracy_by_kind", result.accuracy_by_kind)
+
+
+def analyse(store: RunStore, spec: RunSpec) -> dict[str, Any]:
+    """Recompute every table and the verdict from the stored records; write them beside them."""
     loaded = load_run(store.path)
     samples = loaded.samples
+    seed = spec.protocol.seed
     summary = analysis.summary_table(samples)
     shares = analysis.module_shares(samples)
-    baseline = store.config["configurations"][0]["name"]
-    compared = analysis.comparisons(samples, baseline, seed=store.config["protocol"]["seed"])
-    store.write_summary(summary)
-    store.write_text("module_shares.csv", shares.to_csv(index=False))
-    store.write_text("comparisons.csv", compared.to_csv(index=False))
-    return {
+    compared = analysis.comparisons(samples, BASELINE, seed=seed)
+    checks = {r["config"]: r for r in loaded.extras if r["kind"] == "preflight"}
+    verdict = judge(samples, [t.name for t in spec.transforms], checks, seed=seed).to_dict()
+    tables = {
         "summary": summary,
         "shares": shares,
         "comparisons": compared,
         "flags": analysis.flags(samples, summary),
         "failures": loaded.failures,
+        "verdict": verdict,
     }
+    store.write_summary(summary)
+    store.write_text("module_shares.csv", shares.to_csv(index=False))
+    store.write_text("comparisons.csv", compared.to_csv(index=False))
+    store.write_text("verdict.json", json_text(verdict))
+    store.write_text("report.md", markdown_report(store.meta, tables, verdict))
+    return tables
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True, quiet=args.json or args.no_progress)
+    show_progress = not (args.json or args.no_progress)
     results_dir = args.results_dir
     if args.resume:
         if args.preset or args.model or args.run_id:
@@ -201,15 +284,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         spec = build_spec(args)
         store = None
+    bundle = None
     if store is None or "model" not in store.meta:
-        info = prepare_model(spec, show_progress=not (args.json or args.no_progress))
+        info, bundle = prepare_model(spec, show_progress=show_progress)
         if store is None:
+            spec, skipped = drop_unrunnable(spec, bundle)
+            for name, reason in skipped.items():
+                console.print(f"skipping transform {name}: {reason}")
             store = RunStore.create(
                 results_dir,
                 spec.to_dict(),
                 collect_environment(torch.device(spec.source.device), spec.protocol.seed),
                 args.run_id,
             )
+            store.update_meta("skipped_transforms", skipped)
         for key, value in info.items():
             store.update_meta(key, value)
     store.set_state("running")
@@ -217,7 +305,9 @@ def run(args: argparse.Namespace) -> int:
         f"run {store.run_id}: {len(spec.configurations)} configuration(s), results in {store.path}"
     )
     try:
-        with console.status("measuring") as status:
+        with console.status("checking") as status:
+            preflight(store, spec, bundle, args.eval_examples, lambda m: status.update(m))
+            del bundle  # the workers load their own copies
             outcome = run_rounds(spec, store, progress=lambda m: status.update(f"measuring: {m}"))
     except KeyboardInterrupt:
         store.set_state("interrupted")
@@ -228,13 +318,14 @@ def run(args: argparse.Namespace) -> int:
         return 130
     store.update_meta("rounds", outcome.rounds)
     store.update_meta("stopped_by_budget", outcome.stopped_by_budget)
-    tables = analyse(store)
+    tables = analyse(store, spec)
     store.set_state("complete")
     meta = store.meta
     if args.json:
         print_json(_json_report(store, meta, tables))
     else:
         Console().print(render_run(meta, tables))
+        console.print(f"report: {store.path / 'report.md'}")
     return 0 if not outcome.failed else 1
 
 
@@ -248,6 +339,7 @@ def _json_report(store: RunStore, meta: dict[str, Any], tables: dict[str, Any]) 
         "summary": tables["summary"].to_dict(orient="records"),
         "module_shares": tables["shares"].to_dict(orient="records"),
         "comparisons": tables["comparisons"].to_dict(orient="records"),
+        "verdict": tables["verdict"],
         "flags": tables["flags"],
         "failures": tables["failures"].to_dict(orient="records"),
     }

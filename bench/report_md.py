@@ -1,0 +1,236 @@
+"""report.md: the run's verdict and its evidence, readable without the tool.
+
+Written from the same tables the terminal shows (all recomputed from samples.jsonl); every
+figure carries its source, and "estimated" figures say how they were derived.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+# Figures the transforms log while serving: (metric, label, scale, format).
+TRANSFORM_FIGURES = (
+    ("sleep_wake_s", "vision-encoder wake latency, ms", 1e3, "{:.3f}"),
+    ("sleep_bytes_freed", "bytes freed while asleep, MiB", 2**-20, "{:.3f}"),
+    ("pruning_kept_fraction", "image tokens kept", 1.0, "{:.1%}"),
+)
+ESTIMATED_ENERGY = (
+    "CPU energy is `estimated`: process CPU time × {watts} W per core (no RAPL or NVML "
+    "counter was readable)."
+)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table (pipes in cells escaped)."""
+
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None or pd.isna(value) else f"{value:+.2%}"
+
+
+def interval(data: dict[str, float] | None) -> str:
+    if not data:
+        return "-"
+    return f"{pct(data['point'])} [{pct(data['lo'])}, {pct(data['hi'])}]"
+
+
+def verdict_rows(verdict: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            row["label"],
+            interval(row["measured"]),
+            interval(row["predicted_independent"]),
+            pct(row["predicted_hierarchical"]),
+            interval(row["residual"]),
+            f"**{row['word']}**",
+            interval(row.get("aa_control")),
+            row["source"],
+            str(row["n_rounds"]),
+        ]
+        for row in verdict["metrics"]
+    ]
+
+
+VERDICT_HEADER = (
+    "metric",
+    "measured stack Δ [95% CI]",
+    "eq 4.2 from singles",
+    "hierarchical",
+    "residual [95% CI]",
+    "verdict",
+    "A/A control",
+    "source",
+    "rounds",
+)
+
+
+def _verdict_section(verdict: dict[str, Any]) -> list[str]:
+    covered = " + ".join(verdict["transforms"]) or "none"
+    out = ["## Verdict: do the savings compound?", ""]
+    out.append(
+        f"Stack: {covered}. Δ > 0 is a saving; the word is judged by the residual's CI. "
+        "The A/A control is a second baseline process: how far two identical processes differ."
+    )
+    for name, reason in verdict["excluded"].items():
+        out.append(f"- left out of the verdict: {name}: {reason}")
+    out.append("")
+    if verdict["metrics"]:
+        out += [markdown_table(VERDICT_HEADER, verdict_rows(verdict)), ""]
+        for row in verdict["metrics"]:
+            if row["note"]:
+                out.append(f"- {row['label']}: {row['note']}")
+    for problem in verdict["problems"]:
+        out.append(f"- {problem}")
+    accuracy = verdict.get("accuracy")
+    if accuracy:
+        out += ["", "### Accuracy", ""]
+        rows = [
+            [name, *(f"{acc.get(m, float('nan')):.1%}" for m in ("image", "text"))]
+            for name, acc in accuracy["accuracy"].items()
+        ]
+        out += [markdown_table(("configuration", "image", "text"), rows), ""]
+        out.append(
+            f"Stacked accuracy drop {interval(accuracy['stacked_drop'])} vs the sum of single "
+            f"drops {interval(accuracy['sum_single_drops'])}: **{accuracy['word']}** "
+            f"(difference {interval(accuracy['difference'])}, {accuracy['n_examples']} examples)."
+        )
+        if accuracy["note"]:
+            out.append(f"Note: {accuracy['note']}")
+    return out
+
+
+def _loo_section(verdict: dict[str, Any]) -> list[str]:
+    if not verdict["leave_one_out"]:
+        return []
+    rows = [
+        [
+            r["metric"],
+            r["transform"],
+            interval(r["alone"]),
+            interval(r["added_last"]),
+            pct(r["difference"]),
+        ]
+        for r in verdict["leave_one_out"]
+    ]
+    header = ("metric", "transform", "Δ alone", "Δ added last to the stack", "difference")
+    return [
+        "## Leave-one-out",
+        "",
+        "Each transform's saving alone (vs the baseline) and added last (the full stack vs the "
+        "stack without it). A difference outside both intervals is an interaction.",
+        "",
+        markdown_table(header, rows),
+    ]
+
+
+def _pairs_section(verdict: dict[str, Any]) -> list[str]:
+    if not verdict["pairs"]:
+        return []
+    rows = [
+        [
+            r["metric"],
+            " + ".join(r["pair"]),
+            interval(r["measured"]),
+            interval(r["predicted_independent"]),
+            interval(r["residual"]),
+            r["word"],
+        ]
+        for r in verdict["pairs"]
+    ]
+    header = ("metric", "pair", "measured Δ", "eq 4.2", "interaction", "verdict")
+    return ["## Pairs measured together", "", markdown_table(header, rows)]
+
+
+def _comparisons_section(comparisons: pd.DataFrame) -> list[str]:
+    if comparisons.empty:
+        return []
+    rows = [
+        [r.config, r.label, f"{pct(r.delta)} [{pct(r.lo)}, {pct(r.hi)}]", r.source, r.rounds]
+        for r in comparisons.itertuples()
+    ]
+    header = ("configuration", "metric", "Δ vs baseline [95% CI]", "source", "rounds")
+    return ["## Every configuration vs the baseline", "", markdown_table(header, rows)]
+
+
+def _shares_section(shares: pd.DataFrame) -> list[str]:
+    base = shares[shares.config == "baseline"]
+    if base.empty:
+        return []
+    grouped = (
+        base.assign(group=base["module"].str.replace(r"^layers\.\d+\.", "decoder ", regex=True))
+        .groupby("group")["share"]
+        .sum()
+        .sort_values(ascending=False)
+    )
+    rows = [[module, f"{share:.1%}"] for module, share in grouped.items()]
+    return [
+        "## Module shares w_m (baseline, hooked passes)",
+        "",
+        markdown_table(("module", "share"), rows),
+    ]
+
+
+def _figures_section(summary: pd.DataFrame) -> list[str]:
+    rows = []
+    for metric, label, scale, fmt in TRANSFORM_FIGURES:
+        found = summary[summary.metric == metric]
+        for r in found.itertuples():
+            if pd.notna(r.median):
+                rows.append([r.config, label, fmt.format(r.median * scale), r.source, r.n])
+    if not rows:
+        return []
+    header = ("configuration", "figure", "median", "source", "n")
+    return ["## What the transforms report", "", markdown_table(header, rows)]
+
+
+def markdown_report(meta: dict[str, Any], tables: dict[str, Any], verdict: dict[str, Any]) -> str:
+    model = meta.get("model") or {}
+    environment = meta.get("environment") or {}
+    trained = "trained" if model.get("trained") else "UNTRAINED (random weights, cost only)"
+    gpu = environment.get("gpu") or {}
+    device = gpu.get("name") if isinstance(gpu, dict) and gpu.get("name") else None
+    cpu = environment.get("cpu") or {}
+    device = device or f"CPU {cpu.get('model')} ({cpu.get('torch_threads')} threads)"
+    commit = (environment.get("git") or {}).get("commit", "")[:10]
+    lines = [
+        f"# compound-bench run {meta['run_id']}",
+        "",
+        f"- model: {model.get('preset') or model.get('source')} "
+        f"({model.get('params', 0):,} parameters, {trained})",
+        f"- device: {device}; torch {(environment.get('versions') or {}).get('torch')}; "
+        f"commit {commit or '?'}; {meta.get('rounds')} rounds"
+        + (" (stopped by the time budget)" if meta.get("stopped_by_budget") else ""),
+    ]
+    for name, reason in (meta.get("skipped_transforms") or {}).items():
+        lines.append(f"- skipped transform {name}: {reason}")
+    lines.append("")
+    lines += _verdict_section(verdict)
+    for section in (
+        _loo_section(verdict),
+        _pairs_section(verdict),
+        _comparisons_section(tables["comparisons"]),
+        _shares_section(tables["shares"]),
+        _figures_section(tables["summary"]),
+    ):
+        if section:
+            lines += ["", *section]
+    failures = tables["failures"].to_dict(orient="records")
+    notes = [f"failed or rejected: {f['config']}: {f['error']}" for f in failures]
+    notes += [f"flag: {flag}" for flag in tables["flags"]]
+    if (tables["summary"].query("metric == 'energy_j'")["source"] == "estimated").any():
+        watts = meta["config"]["protocol"]["watts_per_core"]
+        notes.append(ESTIMATED_ENERGY.format(watts=watts))
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
+    return "\n".join(lines) + "\n"

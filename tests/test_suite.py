@@ -1,0 +1,307 @@
+"""The suite around the transforms: designs, flag parsing, the preflight checks, the verdict on
+planted measurements, and `compound run` with transforms end to end on `tiny`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bench.cli import main
+from bench.commands.common import parse_transforms
+from bench.configuration import Configuration, TransformSpec
+from bench.designs import AA_CONTROL, build_configurations, parse_designs
+from bench.errors import CompoundError
+from bench.judge import judge
+from bench.preflight import REJECTED, run_preflight
+from bench.workload import WorkloadSpec
+from models.checkpoint import build_bundle
+from optimizations.registry import get_transform
+from tests.fakes import install_fakes
+
+A, B, C = (TransformSpec(name) for name in ("a", "b", "c"))
+
+
+# --- designs ----------------------------------------------------------------------------------
+def names(configurations: tuple[Configuration, ...]) -> list[str]:
+    return [c.name for c in configurations]
+
+
+def test_singles_are_baseline_each_alone_and_the_stack():
+    assert names(build_configurations((A, B, C), ["singles"])) == [
+        "baseline",
+        "a",
+        "b",
+        "c",
+        "a+b+c",
+    ]
+
+
+def test_leave_one_out_drops_each_in_turn_and_combines_without_repeats():
+    assert names(build_configurations((A, B, C), ["leave-one-out"])) == [
+        "baseline",
+        "a+b+c",
+        "b+c",
+        "a+c",
+        "a+b",
+    ]
+    both = names(build_configurations((A, B, C), ["singles", "leave-one-out"], aa_control=True))
+    assert both == ["baseline", "a", "b", "c", "a+b+c", "b+c", "a+c", "a+b", AA_CONTROL]
+    assert len(set(both)) == len(both)
+
+
+def test_factorial_is_every_subset_and_capped_at_six():
+    assert len(build_configurations((A, B, C), ["factorial"])) == 8
+    seven = tuple(TransformSpec(f"t{i}") for i in range(7))
+    with pytest.raises(CompoundError, match="at most 6 transforms"):
+        build_configurations(seven, ["factorial"])
+
+
+def test_no_transforms_means_baseline_only_and_no_control():
+    assert names(build_configurations((), ["singles"], aa_control=True)) == ["baseline"]
+
+
+def test_design_and_duplicate_errors():
+    assert parse_designs("singles, leave-one-out") == ("singles", "leave-one-out")
+    with pytest.raises(CompoundError, match="unknown design 'pairs'"):
+        parse_designs("singles,pairs")
+    with pytest.raises(CompoundError, match="listed twice"):
+        build_configurations((A, A), ["singles"])
+
+
+# --- --transforms and --param -----------------------------------------------------------------
+def test_parse_transforms_fills_defaults_and_types_values():
+    specs = parse_transforms(
+        "token_pruning,fused_qkv", ["token_pruning.keep_ratio=0.25", "fused_qkv.fuse_mlp=false"]
+    )
+    assert [s.name for s in specs] == ["token_pruning", "fused_qkv"]
+    assert specs[0].params == {"layer": None, "keep_ratio": 0.25, "threshold": None}
+    assert specs[1].params == {"fuse_mlp": False}
+
+
+@pytest.mark.parametrize(
+    ("names_text", "params", "message"),
+    [
+        ("warp_drive", [], "unknown transform 'warp_drive'"),
+        ("fused_qkv", ["token_pruning.layer=1"], "'token_pruning' is not in --transforms"),
+        ("fused_qkv", ["fuse_mlp"], "expects TRANSFORM.NAME=VALUE"),
+        ("token_pruning", ["token_pruning.keep_ratio=lots"], "must be float, got str"),
+        ("token_pruning", ["token_pruning.ratio=1"], "unknown parameter 'ratio'"),
+    ],
+)
+def test_parse_transforms_errors(names_text, params, message):
+    with pytest.raises(CompoundError, match=message):
+        parse_transforms(names_text, params)
+
+
+def test_pruning_layer_defaults_to_half_the_depth():
+    tiny = build_bundle("tiny", seed=0)
+    assert get_transform("token_pruning").first_layer(tiny) == len(tiny.decoder_layers) // 2
+
+
+# --- preflight --------------------------------------------------------------------------------
+def test_preflight_rejects_a_lying_lossless_transform_and_scores_the_rest(monkeypatch):
+    install_fakes(monkeypatch)
+    torch.set_num_threads(1)
+    tiny = build_bundle("tiny", seed=0)
+    transforms = (TransformSpec("fused_qkv"), TransformSpec("test_broken"))
+    configurations = build_configurations(transforms, ["singles"])
+    results = {
+        r.config: r
+        for r in run_preflight(tiny, configurations, WorkloadSpec(requests_per_block=4), 20)
+    }
+    assert results["fused_qkv"].status == "ok" and results["fused_qkv"].max_abs_logit_diff < 1e-4
+    assert results["test_broken"].status == REJECTED
+    assert "lossless check failed for test_broken" in results["test_broken"].reason
+    # the stack holds the broken one too: rejected by the same (cached) check
+    assert results["fused_qkv+test_broken"].status == REJECTED
+    assert len(results["baseline"].correct) == 20 and results["baseline"].accuracy
+    assert results["fused_qkv"].targets == [
+        f"layers.{i}.{kind}" for i in range(2) for kind in ("attention", "mlp")
+    ]
+
+
+# --- the verdict on planted measurements ------------------------------------------------------
+ROUNDS = 40
+
+
+def planted_samples(savings: dict[str, float], seed: int = 0, noise: float = 0.004) -> pd.DataFrame:
+    """Block samples with known savings: each configuration's value is base × (1 − Δ) × noise.
+
+    Module times: baseline spends 60% in m1 and 40% in m2; "a" saves 10% in m1, "b" 20% in m2.
+    """
+    rng = np.random.default_rng(seed)
+    records = []
+    local = {"a": {"m1": 0.10}, "b": {"m2": 0.20}}
+
+    def add(config, block, metric, value, module="total", source="measured"):
+        records.append(
+            {
+                "config": config,
+                "block": block,
+                "metric": metric,
+                "value": value,
+                "unit": "s",
+                "module": module,
+                "source": source,
+                "extra": {},
+            }
+        )
+
+    for block in range(ROUNDS):
+        drift = 1 + 0.05 * np.sin(block)  # shared by all configurations in a round
+        for config, saving in savings.items():
+            value = (1 - saving) * drift * (1 + noise * rng.standard_normal())
+            for metric in ("block_seconds", "latency_mean_s", "cost_usd_per_1k"):
+                add(config, block, metric, value)
+            add(config, block, "energy_j", value * 30, source="estimated")
+            add(config, block, "peak_rss_bytes", 4e8 * (1 + 0.001 * rng.standard_normal()))
+            parts = config.split("+")
+            m1 = 0.6 * np.prod([1 - local.get(p, {}).get("m1", 0) for p in parts])
+            m2 = 0.4 * np.prod([1 - local.get(p, {}).get("m2", 0) for p in parts])
+            add(config, block, "module_time_s", m1, "m1")
+            add(config, block, "module_time_s", m2, "m2")
+            add(config, block, "hooked_block_seconds", m1 + m2)
+    return pd.DataFrame.from_records(records)
+
+
+PREFLIGHT = {"a": {"targets": ["m1"]}, "b": {"targets": ["m2"]}}
+
+
+def rows_by_label(verdict) -> dict:
+    return {row["label"]: row for row in verdict.metrics}
+
+
+def test_multiplicative_savings_compound_and_hierarchical_matches_amdahl():
+    savings = {"baseline": 0.0, "a": 0.10, "b": 0.20, "a+b": 1 - 0.9 * 0.8}
+    verdict = judge(planted_samples(savings), ["a", "b"], PREFLIGHT)
+    rows = rows_by_label(verdict)
+    assert set(rows) == {"latency", "energy", "peak memory", "cost"}
+    latency = rows["latency"]
+    assert latency["word"] == "compounds"
+    assert latency["measured"]["point"] == pytest.approx(0.28, abs=0.01)
+    assert latency["predicted_independent"]["point"] == pytest.approx(0.28, abs=0.01)
+    # 0.6 × 10% + 0.4 × 20%: the module-local savings weighted by the baseline's shares
+    assert latency["predicted_hierarchical"] == pytest.approx(0.14, abs=1e-9)
+    assert (
+        rows["energy"]["source"] == "estimated" and rows["energy"]["predicted_hierarchical"] is None
+    )
+    assert {r["transform"] for r in verdict.leave_one_out} == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    ("stack", "word"), [(0.18, "sub-multiplicative"), (0.38, "super-multiplicative")]
+)
+def test_planted_interactions_get_the_right_word(stack, word):
+    savings = {"baseline": 0.0, "a": 0.10, "b": 0.20, "a+b": stack}
+    rows = rows_by_label(judge(planted_samples(savings), ["a", "b"], PREFLIGHT))
+    assert rows["latency"]["word"] == word
+    assert rows["latency"]["residual"]["point"] == pytest.approx(stack - 0.28, abs=0.01)
+
+
+def test_aa_control_marks_a_word_that_process_noise_could_explain():
+    savings = {"baseline": 0.0, "a": 0.10, "b": 0.20, "a+b": 0.265, AA_CONTROL: 0.03}
+    rows = rows_by_label(judge(planted_samples(savings), ["a", "b"], PREFLIGHT))
+    latency = rows["latency"]
+    assert latency["word"] == "sub-multiplicative"
+    assert latency["aa_control"]["point"] == pytest.approx(0.03, abs=0.005)
+    assert "not robust to process noise" in latency["note"]
+
+
+def test_a_transform_not_measured_is_left_out_with_the_reason():
+    savings = {"baseline": 0.0, "a": 0.10, "b": 0.20, "a+b": 0.28}
+    checks = {**PREFLIGHT, "c": {"reason": "lossless check failed for c: ..."}}
+    verdict = judge(planted_samples(savings), ["a", "b", "c"], checks)
+    assert verdict.transforms == ["a", "b"] and verdict.stack == "a+b"
+    assert verdict.excluded == {"c": "lossless check failed for c: ..."}
+    assert rows_by_label(verdict)["latency"]["word"] == "compounds"
+
+
+def test_no_verdict_without_two_measured_transforms():
+    verdict = judge(planted_samples({"baseline": 0.0, "a": 0.1}), ["a"], PREFLIGHT)
+    assert verdict.metrics == [] and "at least two transforms" in verdict.problems[0]
+
+
+# --- CLI --------------------------------------------------------------------------------------
+def test_transforms_command_lists_the_paper_techniques(capsys):
+    assert main(["transforms", "--json"]) == 0
+    listed = {t["name"]: t for t in json.loads(capsys.readouterr().out)["transforms"]}
+    assert {"vision_sleep", "token_pruning", "fused_qkv"} <= set(listed)
+    assert listed["vision_sleep"]["lossless"] and not listed["token_pruning"]["lossless"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--transforms", "warp_drive"], "unknown transform 'warp_drive'"),
+        (["--design", "pairs"], "unknown design 'pairs'"),
+        (["--transforms", "none", "--param", "fused_qkv.fuse_mlp=true"], "--transforms is none"),
+        (
+            ["--transforms", "token_pruning", "--param", "token_pruning.layer=9"],
+            "'layer' must be <",
+        ),
+    ],
+)
+def test_run_flag_errors_are_one_line(tiny_cache, tmp_path, capsys, flags, message):
+    code = main(
+        ["run", "--preset", "tiny", "--cache-dir", str(tiny_cache), "--results-dir", str(tmp_path)]
+        + flags
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing written for a run that never started
+
+
+def test_run_with_transforms_writes_the_verdict_and_report(tiny_cache, tmp_path, capsys):
+    code = main(
+        [
+            "run",
+            "--preset",
+            "tiny",
+            "--cache-dir",
+            str(tiny_cache),
+            "--results-dir",
+            str(tmp_path),
+            "--run-id",
+            "suite",
+            "--transforms",
+            "token_pruning,fused_qkv",
+            "--requests",
+            "2",
+            "--new-tokens",
+            "2",
+            "--min-rounds",
+            "3",
+            "--min-seconds",
+            "0",
+            "--threads",
+            "1",
+            "--eval-examples",
+            "40",
+            "--json",
+        ]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    verdict = out["verdict"]
+    assert verdict["transforms"] == ["token_pruning", "fused_qkv"]
+    assert [row["label"] for row in verdict["metrics"]] == [
+        "latency",
+        "energy",
+        "peak memory",
+        "cost",
+    ]
+    for row in verdict["metrics"]:
+        assert row["word"] in ("compounds", "sub-multiplicative", "super-multiplicative")
+        assert row["measured"]["lo"] <= row["measured"]["point"] <= row["measured"]["hi"]
+        assert row["aa_control"] is not None
+    assert verdict["accuracy"]["n_examples"] == 40
+    run_dir = tmp_path / "suite"
+    report = (run_dir / "report.md").read_text()
+    assert "## Verdict" in report and "token_pruning + fused_qkv" in report
+    assert json.loads((run_dir / "verdict.json").read_text()) == verdict
+    pruned = [s for s in out["summary"] if s["metric"] == "pruning_kept_fraction"]
+    assert pruned and all(s["median"] == pytest.approx(0.5) for s in pruned)
