@@ -63,45 +63,45 @@ def configuration_table(summary: pd.DataFrame, accuracy: dict[str, dict[str, flo
         ]
         acc = accuracy.get(config) or {}
         score = "/".join(f"{acc[k]:.1%}" for k in ("image", "text") if k in acc) or "-"
-        table.add_row(config, *cells, score)
+        table.add_row(config.replace("+", "+\n"), *cells, score)
     return table
 
 
 def verdict_table(verdict: dict[str, Any]) -> Table:
     stack = " + ".join(verdict["transforms"])
-    table = Table(title=f"verdict: do the savings compound? stack = {stack}")
-    for column in (
-        "metric",
-        "measured stack Δ",
-        "eq 4.2",
-        "hier.",
-        "residual",
-        "verdict",
-        "source",
-    ):
+    table = Table(
+        title=f"verdict: does {stack} compound? Δ > 0 saves; % with [95% CI]",
+        caption="eq 4.2 from the singles; hier. = hierarchical (module shares); "
+        "A/A = two identical baseline processes",
+    )
+    for column in ("metric", "stack Δ", "eq 4.2", "hier.", "residual", "verdict", "A/A"):
         table.add_column(column, overflow="fold")
     for row in verdict["metrics"]:
         table.add_row(
-            row["label"],
+            row["label"] + SOURCE_MARK.get(row["source"], ""),
             _interval(row["measured"]),
             _interval(row["predicted_independent"]),
             _pct(row["predicted_hierarchical"]),
             _interval(row["residual"]),
             Text(row["word"], style="bold"),
             _interval(row.get("aa_control")),
-            row["source"],
         )
     return table
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None or pd.isna(value) else f"{value:+.1%}"
+    return "-" if value is None or pd.isna(value) else f"{value * 100:+.1f}"
 
 
 def _interval(data: dict[str, float] | None) -> str:
+    """A point over its CI, in percent: "+12.3" / "[+10.1, +14.2]"."""
     if not data:
         return "-"
-    return f"{_pct(data['point'])} [{_pct(data['lo'])}, {_pct(data['hi'])}]"
+    return f"{_pct(data['point'])}\n[{_pct(data['lo'])}, {_pct(data['hi'])}]"
+
+
+def _inline(data: dict[str, float]) -> str:
+    return _interval(data).replace("\n", " ") + " %"
 
 
 def render_run(meta: dict[str, Any], tables: dict[str, Any]) -> Group:
@@ -126,8 +126,8 @@ def render_run(meta: dict[str, Any], tables: dict[str, Any]) -> Group:
         acc = verdict["accuracy"]
         parts.append(
             Text(
-                f"accuracy: stacked drop {_interval(acc['stacked_drop'])} vs summed single "
-                f"drops {_interval(acc['sum_single_drops'])}: {acc['word']}"
+                f"accuracy: stacked drop {_inline(acc['stacked_drop'])} vs summed single "
+                f"drops {_inline(acc['sum_single_drops'])}: {acc['word']}"
             )
         )
     for line in [

@@ -174,6 +174,35 @@ def test_cpu_memory_tracker_sees_a_200mb_peak_in_a_fresh_process() -> None:
     assert all(s["unit"] == "bytes" and s["config"] == "cfg" for s in result["samples"])
 
 
+_WINDOW_SCRIPT = """
+import json, torch
+from bench.trackers.memory import MemoryTracker
+peaks = []
+for size in (50_000_000, 0):  # 200 MB in the first window, nothing in the second
+    with MemoryTracker(torch.device("cpu")) as tracker:
+        x = torch.ones(size)
+        del x
+    peak = next(s for s in tracker.samples("cfg", 0) if s.metric == "peak_rss_bytes")
+    peaks.append([peak.value, peak.extra["scope"]])
+print(json.dumps(peaks))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM reset is Linux-only")
+def test_cpu_peak_rss_is_each_windows_own_peak() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _WINDOW_SCRIPT],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    (first, first_scope), (second, second_scope) = json.loads(out.stdout.strip().splitlines()[-1])
+    assert first_scope == second_scope == "window"
+    assert first - second >= 150e6  # the second window does not inherit the first one's peak
+
+
 def test_cpu_memory_tracker_records_no_gpu_metrics() -> None:
     with MemoryTracker(torch.device("cpu")) as tracker:
         pass

@@ -87,6 +87,20 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Reset Linux's VmHWM to the current RSS, so the next read is this window's own peak.
+
+    Without it every block would report the same lifetime peak (rounds would not be
+    replicates of anything). False where /proc/self/clear_refs is not writable.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def nvml_process_bytes(device_index: int, pid: int | None = None) -> tuple[float, str | None]:
     """GPU memory NVML attributes to `pid` (default: this process) and a warning.
 
@@ -125,6 +139,7 @@ class MemoryTracker:
         self.t_start = 0.0
         self.t_end = 0.0
         self._rss_at_enter = 0
+        self._peak_reset = False
 
     @property
     def _cuda(self) -> bool:
@@ -134,6 +149,7 @@ class MemoryTracker:
         if self._cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        self._peak_reset = reset_peak_rss()
         self._rss_at_enter = psutil.Process().memory_info().rss
         self.t_start = time.time()
         return self
@@ -143,7 +159,8 @@ class MemoryTracker:
             torch.cuda.synchronize(self.device)
             self._record_cuda()
         self.t_end = time.time()
-        self._record("peak_rss_bytes", peak_rss_bytes(), extra={"scope": "process lifetime"})
+        scope = "window" if self._peak_reset else "process lifetime"
+        self._record("peak_rss_bytes", peak_rss_bytes(), extra={"scope": scope})
         self._record(
             "rss_bytes", psutil.Process().memory_info().rss, {"rss_at_enter": self._rss_at_enter}
         )
