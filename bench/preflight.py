@@ -50,11 +50,18 @@ class Preflight:
 
 
 def unmet_requirements(transforms: Sequence[TransformSpec], bundle: ModelBundle) -> dict[str, str]:
-    """Transform name → why it cannot run on this bundle here (only those that cannot)."""
+    """Transform name → why it cannot run here (CUDA, versions), for those that cannot.
+
+    The others are checked against the model's structure at once, so a parameter that does
+    not fit the model (a layer it lacks) fails before any result directory is made.
+    """
     reasons = {}
     for spec in transforms:
-        reason = get_transform(spec.name, spec.params).check_requirements(bundle)
-        if reason is not None:
+        transform = get_transform(spec.name, spec.params)
+        reason = transform.check_requirements(bundle)
+        if reason is None:
+            transform.validate_for(bundle)
+        else:
             reasons[spec.name] = reason
     return reasons
 

@@ -162,6 +162,11 @@ def _rounds(
             timed[name] = timed.get(name, 0.0) + next(
                 s.value for s in samples if s.metric == "block_seconds"
             )
-        say(f"round {round_index + 1} done")
+        least = min((timed.get(n, 0.0) for n in live), default=0.0)
+        say(
+            f"round {round_index + 1} (min {protocol.min_rounds}); timed {least:.0f}/"
+            f"{protocol.min_seconds:.0f} s per configuration; "
+            f"{time.perf_counter() - budget_start:.0f} s elapsed"
+        )
         round_index += 1
     return RunOutcome(rounds=round_index, failed=failed, stopped_by_budget=stopped_by_budget)
