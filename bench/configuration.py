@@ -40,10 +40,6 @@ class Configuration:
     transforms: tuple[TransformSpec, ...] = ()
     slowdown: float = 0.0
 
-    @property
-    def is_baseline(self) -> bool:
-        return not self.transforms and self.slowdown == 0.0
-
 
 @dataclass(frozen=True)
 class Protocol:
