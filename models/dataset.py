@@ -8,6 +8,7 @@ test splits are disjoint by construction and identical on every machine.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -154,13 +155,33 @@ def _text_question(rng: np.random.Generator, kind: str) -> Example:
     return Example(f"what is the last number in {numbers} ?", numbers.split()[-1], kind)
 
 
-def make_example(seed: int, split: Split, index: int, modality: str) -> Example:
-    """The index-th example of a split and modality (rejection-sampled until its hash fits)."""
+def make_example(
+    seed: int,
+    split: Split,
+    index: int,
+    modality: str,
+    kind_weights: Mapping[str, float] | None = None,
+) -> Example:
+    """The index-th example of a split and modality (rejection-sampled until its hash fits).
+
+    Question kinds are uniform unless `kind_weights` (relative weights; a kind left out weighs
+    1) reweights them: training uses this to see more of the hard kinds. Evaluation never does,
+    so the validation and test distributions do not depend on any training recipe.
+    """
     split_id = SPLITS.index(split)
     modality_id = 0 if modality == "image" else 1
     rng = np.random.default_rng([seed, split_id, modality_id, index])
     kinds = IMAGE_KINDS if modality == "image" else TEXT_KINDS
-    kind = kinds[int(rng.integers(len(kinds)))]
+    if kind_weights:
+        unknown = set(kind_weights) - {*IMAGE_KINDS, *TEXT_KINDS}
+        if unknown:
+            raise ValueError(f"unknown question kinds in kind weights: {sorted(unknown)}")
+        weights = np.array([float(kind_weights.get(k, 1.0)) for k in kinds])
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"kind weights must be non-negative, not all zero: {kind_weights}")
+        kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+    else:
+        kind = kinds[int(rng.integers(len(kinds)))]
     while True:
         example = _image_question(rng, kind) if modality == "image" else _text_question(rng, kind)
         if example is not None and split_of(example) == split:

@@ -183,6 +183,7 @@ def train(
     image_count = round(settings.batch_size * settings.image_fraction)
     text_count = settings.batch_size - image_count
     next_index = {"image": 0, "text": 0}
+    kind_weights = dict(settings.kind_weights)
     loss_value = float("nan")
     progress = Progress(
         TextColumn("training {task.fields[preset]}"),
@@ -205,7 +206,9 @@ def train(
                 first = next_index[modality]
                 next_index[modality] += count
                 requests = [
-                    bundle.prompts.encode(make_example(settings.seed, "train", i, modality))
+                    bundle.prompts.encode(
+                        make_example(settings.seed, "train", i, modality, kind_weights)
+                    )
                     for i in range(first, first + count)
                 ]
                 loss, tokens = answer_loss(bundle, collate(requests, pad_id))

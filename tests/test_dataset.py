@@ -90,6 +90,21 @@ def test_answers_are_correct_for_the_question():
             assert target.colour == words[3] and distractor.colour != words[3]
 
 
+def test_kind_weights_reweight_training_kinds_and_leave_the_default_alone():
+    weights = {"position": 3.0, "larger": 2.0, "smaller": 2.0}
+    images = [make_example(0, "train", i, "image", weights).kind for i in range(1200)]
+    assert 0.42 < images.count("position") / len(images) < 0.58  # 3/6, against 1/4 uniform
+    assert set(images) == set(IMAGE_KINDS)
+    texts = [make_example(0, "train", i, "text", weights).kind for i in range(1200)]
+    comparisons = sum(k in ("larger", "smaller") for k in texts) / len(texts)
+    assert 0.6 < comparisons < 0.73  # 4/6, against 1/2 uniform
+    assert make_example(0, "test", 7, "image", None) == make_example(0, "test", 7, "image")
+    with pytest.raises(ValueError):
+        make_example(0, "train", 0, "image", {k: 0.0 for k in IMAGE_KINDS})
+    with pytest.raises(ValueError):
+        make_example(0, "train", 0, "image", {"postion": 3.0})
+
+
 def test_render_draws_each_object_in_its_cell_in_its_colour():
     example = next(e for e in make_examples(0, "test", 40) if e.has_image and len(e.scene) >= 2)
     size = 64
