@@ -25,7 +25,7 @@ def train_and_save(preset_name: str, cache: Path, *, show_progress: bool = True)
     bundle = build_bundle(preset_name)
     result = train(bundle, preset.training, show_progress=show_progress)
     started = time.perf_counter()
-    validation = evaluate(bundle, split="val", count=400)
+    validation = evaluate(bundle, split="val", count=2000)
     info = {
         "training": preset.training.to_dict(),
         "train_seconds": round(result.seconds, 1),

@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--eval-examples",
         type=int,
-        default=400,
+        default=2000,
         metavar="N",
         help="held-out examples scored per configuration, half image (0: no accuracy)",
     )
