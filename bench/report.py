@@ -17,7 +17,7 @@ HEADLINE: tuple[tuple[str, str, str, float, str], ...] = (
     ("latency_prefill_s", "text", "TTFT ms, text", 1e3, "{:.1f}"),
     ("latency_decode_per_token_s", "text", "decode ms/token, text", 1e3, "{:.2f}"),
     ("latency_vision_encode_s", "image", "vision encode ms", 1e3, "{:.2f}"),
-    ("latency_cold_s", "all", "cold first call ms", 1e3, "{:.0f}"),
+    ("latency_cold_s", "before timing", "cold first call ms", 1e3, "{:.0f}"),
     ("latency_mean_s", "all", "mean ms/request (block)", 1e3, "{:.1f}"),
     ("throughput_rps", "all", "requests/s", 1.0, "{:.1f}"),
     ("throughput_tps", "all", "tokens/s", 1.0, "{:.0f}"),

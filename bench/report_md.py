@@ -11,6 +11,8 @@ from typing import Any
 
 import pandas as pd
 
+from bench.analysis import COLD_MODALITY
+
 # Figures the transforms log while serving: (metric, label, scale, format).
 TRANSFORM_FIGURES = (
     ("sleep_wake_s", "vision-encoder wake latency, ms", 1e3, "{:.3f}"),
@@ -187,10 +189,12 @@ def _figures_section(summary: pd.DataFrame) -> list[str]:
         found = summary[summary.metric == metric]
         for r in found.itertuples():
             if pd.notna(r.median):
-                rows.append([r.config, label, fmt.format(r.median * scale), r.source, r.n])
+                when = "warm-up" if r.modality == COLD_MODALITY else "timed blocks"
+                value = fmt.format(r.median * scale)
+                rows.append([r.config, label, when, value, r.source, r.n])
     if not rows:
         return []
-    header = ("configuration", "figure", "median", "source", "n")
+    header = ("configuration", "figure", "when", "median", "source", "n")
     return ["## What the transforms report", "", markdown_table(header, rows)]
 
 

@@ -305,3 +305,25 @@ def test_run_with_transforms_writes_the_verdict_and_report(tiny_cache, tmp_path,
     assert json.loads((run_dir / "verdict.json").read_text()) == verdict
     pruned = [s for s in out["summary"] if s["metric"] == "pruning_kept_fraction"]
     assert pruned and all(s["median"] == pytest.approx(0.5) for s in pruned)
+
+
+def test_transforms_log_what_they_report_for_the_worker_to_drain():
+    from bench.workload import build_requests, generate
+    from optimizations.base import figure_log
+    from optimizations.registry import apply_transforms
+
+    torch.set_num_threads(1)
+    tiny = build_bundle("tiny", seed=0)
+    specs = (TransformSpec("vision_sleep"), TransformSpec("token_pruning"))
+    transformed = apply_transforms(tiny, specs)
+    log = figure_log(transformed)
+    assert [f["metric"] for f in log] == ["sleep_bytes_freed"]  # known at apply time
+    assert log[0]["source"] == "derived" and log[0]["value"] == 0  # cpu-copy frees nothing
+    log.clear()
+    requests = build_requests(transformed, WorkloadSpec(requests_per_block=4, image_fraction=0.5))
+    for request in requests:
+        generate(transformed, request, 2)
+    images = sum(r.pixel_values is not None for r in requests)
+    metrics = [f["metric"] for f in log]
+    assert metrics.count("sleep_wake_s") == images == metrics.count("pruning_kept_fraction")
+    assert all(f["value"] > 0 for f in log if f["metric"] == "sleep_wake_s")
