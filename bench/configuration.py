@@ -57,6 +57,7 @@ class Protocol:
     watts_per_core: float = 7.5
     price_per_device_hour: float = 0.10
     grid_g_per_kwh: float = 475.0
+    eval_examples: int = 2000  # held-out examples scored per configuration before timing
 
 
 @dataclass(frozen=True)

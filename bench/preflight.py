@@ -16,7 +16,7 @@ timed block:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -85,14 +85,14 @@ def run_preflight(
     workload: WorkloadSpec,
     eval_count: int,
     say: Callable[[str], None] = lambda _message: None,
-) -> list[Preflight]:
-    """Check and score every configuration; the baseline bundle is left as it was.
+) -> Iterator[Preflight]:
+    """Check and score every configuration, yielding each as it is done (so the caller can
+    store it at once and a killed run keeps it); the baseline bundle is left as it was.
 
     `eval_count` 0 skips scoring (cost-only models have random weights: nothing to score).
     """
     requests = build_requests(baseline, workload)
     checked: dict[str, tuple[bool, float, str]] = {}  # lossless subset → its check
-    results = []
     for configuration in configurations:
         name = configuration.name
         preflight = Preflight(name, OK)
@@ -111,7 +111,7 @@ def run_preflight(
             if not ok:
                 preflight.status = REJECTED
                 preflight.reason = f"lossless check failed for {key}: {detail}"
-                results.append(preflight)
+                yield preflight
                 continue
         transformed = apply_transforms(baseline, configuration.transforms)
         applied = transformed.metadata.get("transforms", [])
@@ -119,5 +119,4 @@ def run_preflight(
         if eval_count and (configuration.transforms or name == BASELINE):
             say(f"accuracy: {name}")
             preflight = _scored(evaluate(transformed, "test", eval_count), preflight)
-        results.append(preflight)
-    return results
+        yield preflight

@@ -327,3 +327,23 @@ def test_transforms_log_what_they_report_for_the_worker_to_drain():
     metrics = [f["metric"] for f in log]
     assert metrics.count("sleep_wake_s") == images == metrics.count("pruning_kept_fraction")
     assert all(f["value"] > 0 for f in log if f["metric"] == "sleep_wake_s")
+
+
+def test_a_resumed_run_checks_only_the_configurations_not_yet_checked(tiny_cache, tmp_path):
+    from bench.commands.run import preflight
+    from bench.configuration import ModelSource, Protocol, RunSpec
+    from bench.store import RunStore
+
+    configurations = build_configurations((TransformSpec("fused_qkv"),), ["singles"])
+    spec = RunSpec(
+        ModelSource(preset="tiny", cache_dir=str(tiny_cache)),
+        configurations,
+        WorkloadSpec(requests_per_block=2, new_tokens=2),
+        Protocol(eval_examples=10),
+    )
+    store = RunStore.create(tmp_path, spec.to_dict(), {}, "resumed")
+    store.record_extra("preflight", {"config": "baseline", "status": "ok", "stored": "before"})
+    preflight(store, spec, None, lambda _message: None)
+    records = store.extras("preflight")
+    assert [r["config"] for r in records] == ["baseline", "fused_qkv"]
+    assert records[0]["stored"] == "before" and len(records[1]["correct"]) == 10

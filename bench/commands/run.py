@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,7 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         watts_per_core=args.watts_per_core,
         price_per_device_hour=args.price_per_hour,
         grid_g_per_kwh=args.grid_intensity,
+        eval_examples=args.eval_examples,
     )
     workload = WorkloadSpec(
         requests_per_block=args.requests,
@@ -222,7 +224,7 @@ def prepare_model(spec: RunSpec, show_progress: bool) -> tuple[dict[str, Any], M
 
 
 def preflight(
-    store: RunStore, spec: RunSpec, bundle: ModelBundle | None, eval_examples: int, say
+    store: RunStore, spec: RunSpec, bundle: ModelBundle | None, say: Callable[[str], None]
 ) -> None:
     """Check and score the configurations not yet checked (all of them, unless resuming)."""
     done = {record["config"] for record in store.extras("preflight")}
@@ -230,7 +232,8 @@ def preflight(
     if not todo:
         return
     bundle = bundle or load_bundle(spec.source)
-    count = eval_examples if bundle.trained else 0  # random weights: nothing to score
+    # Random weights: nothing to score.
+    count = spec.protocol.eval_examples if bundle.trained else 0
     for result in run_preflight(bundle, todo, spec.workload, count, say):
         store.record_extra("preflight", result.to_dict())
         if result.status == REJECTED:
@@ -306,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         with console.status("checking") as status:
-            preflight(store, spec, bundle, args.eval_examples, lambda m: status.update(m))
+            preflight(store, spec, bundle, lambda m: status.update(m))
             del bundle  # the workers load their own copies
             outcome = run_rounds(spec, store, progress=lambda m: status.update(f"measuring: {m}"))
     except KeyboardInterrupt:
