@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=2000,
         metavar="N",
-        help="held-out examples scored per configuration, half image (0: no accuracy)",
+        help="held-out examples scored per configuration, half image (default 2000; 0: none)",
     )
     parser.add_argument(
         "--device",
