@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench.stats import paired_delta, summarize
+from bench.stats import DeltaEstimate, paired_delta, summarize
 
 # Metrics recorded once per request; a block's value is their mean (the mixed workload is
 # bimodal, image vs text, so a per-block median would jump between the two modes).
@@ -135,6 +135,17 @@ def module_shares(samples: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def paired_saving(table: pd.DataFrame, base: str, opt: str, seed: int = 0) -> DeltaEstimate | None:
+    """Δ of `opt` against `base` (columns of a `block_values` table) over the rounds both have;
+    None when fewer than two such rounds exist or a value is not positive."""
+    if base not in table or opt not in table:
+        return None
+    pair = table[[base, opt]].dropna()
+    if len(pair) < 2 or (pair <= 0).to_numpy().any():
+        return None
+    return paired_delta(pair[base].to_numpy(), pair[opt].to_numpy(), seed=seed)
+
+
 def comparisons(samples: pd.DataFrame, baseline: str, seed: int = 0) -> pd.DataFrame:
     """Δ = (base − opt)/base per configuration and compared metric, with a paired bootstrap CI."""
     records = []
@@ -146,10 +157,9 @@ def comparisons(samples: pd.DataFrame, baseline: str, seed: int = 0) -> pd.DataF
         for config in table.columns:
             if config == baseline:
                 continue
-            pair = table[[baseline, config]].dropna()
-            if len(pair) < 2 or (pair <= 0).to_numpy().any():
+            estimate = paired_saving(table, baseline, config, seed)
+            if estimate is None:
                 continue
-            estimate = paired_delta(pair[baseline].to_numpy(), pair[config].to_numpy(), seed=seed)
             records.append(
                 {
                     "config": config,

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from bench.analysis import block_values, timed
+from bench.analysis import block_values, paired_saving, timed
 from bench.designs import AA_CONTROL, BASELINE, config_name
 from bench.errors import CompoundError
 from bench.formulas import compound_hierarchical
-from bench.stats import paired_delta
 from bench.verdict import COMPOUNDS, accuracy_verdict, metric_verdict
 
 # label → candidate metrics (the first one measured is used), and whether time shares apply.
@@ -50,16 +49,7 @@ class SuiteVerdict:
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "transforms": self.transforms,
-            "stack": self.stack,
-            "excluded": self.excluded,
-            "metrics": self.metrics,
-            "accuracy": self.accuracy,
-            "leave_one_out": self.leave_one_out,
-            "pairs": self.pairs,
-            "problems": self.problems,
-        }
+        return asdict(self)
 
 
 def _measured_configs(samples: pd.DataFrame) -> set[str]:
@@ -123,12 +113,9 @@ def target_modules(pattern_targets: dict[str, list[str]], modules: Sequence[str]
 
 
 def _delta_row(table: pd.DataFrame, base: str, opt: str, seed: int) -> dict[str, float] | None:
-    if base not in table or opt not in table:
+    estimate = paired_saving(table, base, opt, seed)
+    if estimate is None:
         return None
-    pair = table[[base, opt]].dropna()
-    if len(pair) < 2:
-        return None
-    estimate = paired_delta(pair[base].to_numpy(), pair[opt].to_numpy(), seed=seed)
     return {"point": estimate.point, "lo": estimate.lo, "hi": estimate.hi}
 
 

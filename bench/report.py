@@ -9,6 +9,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from bench.report_md import interval, pct
+
 # (metric, modality, row label, scale, format) for the per-configuration table.
 HEADLINE: tuple[tuple[str, str, str, float, str], ...] = (
     ("latency_e2e_s", "image", "e2e ms, image requests", 1e3, "{:.1f}"),
@@ -90,18 +92,16 @@ def verdict_table(verdict: dict[str, Any]) -> Table:
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None or pd.isna(value) else f"{value * 100:+.1f}"
+    return pct(value, places=1, unit="")
 
 
 def _interval(data: dict[str, float] | None) -> str:
-    """A point over its CI, in percent: "+12.3" / "[+10.1, +14.2]"."""
-    if not data:
-        return "-"
-    return f"{_pct(data['point'])}\n[{_pct(data['lo'])}, {_pct(data['hi'])}]"
+    """A point over its CI, in percent (the table's title says so): "+12.3" / "[+10.1, +14.2]"."""
+    return interval(data, places=1, unit="", separator="\n")
 
 
 def _inline(data: dict[str, float]) -> str:
-    return _interval(data).replace("\n", " ") + " %"
+    return interval(data, places=1, unit="") + " %"
 
 
 def render_run(meta: dict[str, Any], tables: dict[str, Any]) -> Group:

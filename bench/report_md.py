@@ -37,14 +37,19 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def pct(value: float | None) -> str:
-    return "-" if value is None or pd.isna(value) else f"{value:+.2%}"
+def pct(value: float | None, places: int = 2, unit: str = "%") -> str:
+    """A signed percentage: 0.1234 → "+12.34%"; "-" when there is no value."""
+    return "-" if value is None or pd.isna(value) else f"{value * 100:+.{places}f}{unit}"
 
 
-def interval(data: dict[str, float] | None) -> str:
+def interval(
+    data: dict[str, float] | None, places: int = 2, unit: str = "%", separator: str = " "
+) -> str:
+    """A point and its CI: "+12.34% [+10.10%, +14.20%]"; "-" when there is none."""
     if not data:
         return "-"
-    return f"{pct(data['point'])} [{pct(data['lo'])}, {pct(data['hi'])}]"
+    bounds = f"[{pct(data['lo'], places, unit)}, {pct(data['hi'], places, unit)}]"
+    return f"{pct(data['point'], places, unit)}{separator}{bounds}"
 
 
 def verdict_rows(verdict: dict[str, Any]) -> list[list[str]]:
