@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench.errors import CompoundError
+from core.errors import CompoundError
 
 # Each module listed here exposes `register(subparsers)`, which adds its subcommand
 # with `parser.set_defaults(handler=...)`; a handler takes the parsed args and returns an exit code.
@@ -17,7 +17,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "bench.commands.run",
     "bench.commands.calibrate",
     "bench.commands.transforms",
-    "bench.formula_cli",
+    "bench.commands.formula",
 )
 
 

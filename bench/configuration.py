@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.workload import WorkloadSpec
+from bench.measure.workload import WorkloadSpec
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from itertools import combinations
 
 from bench.configuration import Configuration, TransformSpec
-from bench.errors import CompoundError
+from core.errors import CompoundError
 
 DESIGNS = ("singles", "leave-one-out", "factorial")
 BASELINE = "baseline"

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.errors import CompoundError
-from bench.samples import Sample
+from core.errors import CompoundError
+from core.samples import Sample
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
-from bench.errors import CompoundError
+from core.errors import CompoundError
 from models.bundle import ModelBundle, prompt_format_for
 from models.dataset import vocabulary
 from models.presets import Preset, get_preset, llava_config

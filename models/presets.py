@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, SiglipVisionConfig
 
-from bench.errors import CompoundError
+from core.errors import CompoundError
 from models.tokenizer import IMAGE, build_tokenizer
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from bench.errors import CompoundError
+from core.errors import CompoundError
 from models.bundle import ModelBundle
 from models.checkpoint import build_bundle, checkpoint_path, load_model_dir, save_checkpoint
 from models.evaluate import evaluate

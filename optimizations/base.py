@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from packaging.version import InvalidVersion, Version
 
-from bench.errors import CompoundError
+from core.errors import CompoundError
 from models.bundle import ModelBundle
 
 TRANSFORMS: dict[str, type[Transform]] = {}

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.errors import CompoundError
+from core.errors import CompoundError
 from models.bundle import ModelBundle
 from optimizations.base import Param, Transform, register
 

@@ -15,8 +15,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 import optimizations
-from bench.errors import CompoundError
-from bench.workload import generate
+from bench.measure.workload import generate
+from core.errors import CompoundError
 from models.bundle import ModelBundle
 from models.prompting import Request, model_inputs
 from optimizations.base import TRANSFORMS, Transform

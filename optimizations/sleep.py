@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from bench.errors import CompoundError
+from core.errors import CompoundError
 from models.bundle import ModelBundle
 from optimizations.base import Param, Transform, figure_log, register
 

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import DynamicCache
 
-from bench.errors import CompoundError
+from core.errors import CompoundError
 from models.bundle import ModelBundle
 from optimizations.base import Param, Transform, figure_log, register
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench import analysis
-from bench.samples import Sample
+from bench.judge import analysis
+from core.samples import Sample
 
 
 def _frame(samples: list[Sample]) -> pd.DataFrame:

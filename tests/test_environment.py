@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench.environment as environment
-from bench.environment import collect_environment
+import bench.measure.environment as environment
+from bench.measure.environment import collect_environment
 from tests.test_trackers_memory_energy import FakeNvml
 
 

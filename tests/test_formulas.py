@@ -11,8 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.cli import main
-from bench.errors import CompoundError
-from bench.formulas import (
+from bench.judge.formulas import (
     INTERACTION_COLUMNS,
     PAPER_EXAMPLES,
     READINGS,
@@ -28,6 +27,7 @@ from bench.formulas import (
     relative_saving,
     residual,
 )
+from core.errors import CompoundError
 
 savings = st.floats(min_value=0.0, max_value=0.9, allow_nan=False)
 # Up to 12 savings of at most 90% keep Π(1 − Δ) ≥ 1e-12, so "< 1" is representable in floats.

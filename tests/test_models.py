@@ -8,8 +8,8 @@ import psutil
 import pytest
 import torch
 
-from bench.errors import CompoundError
-from bench.trackers.modules import check_not_nested
+from bench.measure.trackers.modules import check_not_nested
+from core.errors import CompoundError
 from models.checkpoint import (
     build_bundle,
     checkpoint_path,

@@ -15,9 +15,9 @@ import psutil
 
 from bench.cli import main
 from bench.configuration import Configuration, ModelSource, Protocol, RunSpec, TransformSpec
-from bench.runner import run_rounds
+from bench.measure.runner import run_rounds
+from bench.measure.workload import WorkloadSpec
 from bench.store import RunStore, load_run
-from bench.workload import WorkloadSpec
 
 QUICK = [
     "--preset",

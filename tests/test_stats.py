@@ -1,4 +1,4 @@
-"""Known-answer tests for bench.stats on seeded synthetic rounds."""
+"""Known-answer tests for bench.judge.stats on seeded synthetic rounds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.stats import (
+from bench.judge.stats import (
     DeltaEstimate,
     detects,
     joint_bootstrap,

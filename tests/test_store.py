@@ -15,8 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.errors import CompoundError
-from bench.samples import SOURCES, Sample
 from bench.store import (
     FAILURE_COLUMNS,
     SAMPLE_COLUMNS,
@@ -25,6 +23,8 @@ from bench.store import (
     load_run,
     new_run_id,
 )
+from core.errors import CompoundError
+from core.samples import SOURCES, Sample
 
 CONFIG = {"configs": ["baseline", "sparse"], "blocks": 4, "path": "results"}
 ENV = {"torch": "2.11", "device": "cpu"}

@@ -14,10 +14,10 @@ from bench.cli import main
 from bench.commands.common import parse_transforms
 from bench.configuration import Configuration, TransformSpec
 from bench.designs import AA_CONTROL, build_configurations, parse_designs
-from bench.errors import CompoundError
-from bench.judge import judge
-from bench.preflight import REJECTED, run_preflight
-from bench.workload import WorkloadSpec
+from bench.judge.suite_verdict import judge
+from bench.measure.preflight import REJECTED, run_preflight
+from bench.measure.workload import WorkloadSpec
+from core.errors import CompoundError
 from models.checkpoint import build_bundle
 from optimizations.registry import get_transform
 from tests.fakes import install_fakes
@@ -308,7 +308,7 @@ def test_run_with_transforms_writes_the_verdict_and_report(tiny_cache, tmp_path,
 
 
 def test_transforms_log_what_they_report_for_the_worker_to_drain():
-    from bench.workload import build_requests, generate
+    from bench.measure.workload import build_requests, generate
     from optimizations.base import figure_log
     from optimizations.registry import apply_transforms
 

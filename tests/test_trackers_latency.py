@@ -12,14 +12,14 @@ import torch
 import torch.utils.benchmark as tbench
 from torch import nn
 
-from bench.trackers.latency import (
+from bench.measure.trackers.latency import (
     RequestTiming,
     Stopwatch,
     set_threads,
     throughput,
     time_call,
 )
-from bench.trackers.modules import (
+from bench.measure.trackers.modules import (
     ModuleTimer,
     ShareOverrunWarning,
     measure_hook_overhead,

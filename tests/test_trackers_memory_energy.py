@@ -21,9 +21,13 @@ import pytest
 import torch
 from torch import nn
 
-from bench.samples import Sample
-from bench.trackers.cost import carbon_grams, carbon_sample, cost_per_1k_requests, cost_sample
-from bench.trackers.energy import (
+from bench.measure.trackers.cost import (
+    carbon_grams,
+    carbon_sample,
+    cost_per_1k_requests,
+    cost_sample,
+)
+from bench.measure.trackers.energy import (
     EstimatedCpuEnergyMeter,
     NvmlEnergyMeter,
     RaplEnergyMeter,
@@ -31,7 +35,8 @@ from bench.trackers.energy import (
     select_energy_meter,
     state_drift,
 )
-from bench.trackers.memory import MemoryTracker, nvml_process_bytes, tensor_bytes
+from bench.measure.trackers.memory import MemoryTracker, nvml_process_bytes, tensor_bytes
+from core.samples import Sample
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -147,7 +152,7 @@ def test_tensor_bytes_sizes_meta_tensors_from_shape() -> None:
 
 _RSS_SCRIPT = """
 import json, torch
-from bench.trackers.memory import MemoryTracker, peak_rss_bytes
+from bench.measure.trackers.memory import MemoryTracker, peak_rss_bytes
 before = peak_rss_bytes()
 with MemoryTracker(torch.device("cpu"), module=torch.nn.Linear(8, 8)) as tracker:
     x = torch.ones(50_000_000)  # 200 MB, every page written
@@ -176,7 +181,7 @@ def test_cpu_memory_tracker_sees_a_200mb_peak_in_a_fresh_process() -> None:
 
 _WINDOW_SCRIPT = """
 import json, torch
-from bench.trackers.memory import MemoryTracker
+from bench.measure.trackers.memory import MemoryTracker
 peaks = []
 for size in (50_000_000, 0):  # 200 MB in the first window, nothing in the second
     with MemoryTracker(torch.device("cpu")) as tracker:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bench.configuration import TransformSpec
-from bench.errors import CompoundError
-from bench.workload import generate
+from bench.measure.workload import generate
+from core.errors import CompoundError
 from models.bundle import ModelBundle
 from models.checkpoint import build_bundle, load_model_dir, save_checkpoint
 from models.dataset import make_examples

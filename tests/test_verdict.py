@@ -1,4 +1,4 @@
-"""Known-answer tests for bench.verdict: planted multiplicative, super- and sub-multiplicative."""
+"""Known-answer tests for bench.judge.verdict: planted multiplicative, super- and sub-multiplicative."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.verdict import (
+from bench.judge.verdict import (
     ADDITIVE,
     BETTER_THAN_ADDITIVE,
     COMPOUNDS,

@@ -19,7 +19,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.analysis import block_values
 from bench.commands.common import (
     add_json_arg,
     add_model_args,
@@ -28,12 +27,13 @@ from bench.commands.common import (
     resolve_device,
 )
 from bench.configuration import Configuration, ModelSource, Protocol, RunSpec
-from bench.environment import collect_environment
-from bench.errors import CompoundError
-from bench.runner import run_rounds
-from bench.stats import detects, mde_for_rounds, paired_delta
+from bench.judge.analysis import block_values
+from bench.judge.stats import detects, mde_for_rounds, paired_delta
+from bench.measure.environment import collect_environment
+from bench.measure.runner import run_rounds
+from bench.measure.workload import WorkloadSpec
 from bench.store import RunStore, load_run
-from bench.workload import WorkloadSpec
+from core.errors import CompoundError
 from models.checkpoint import cache_dir
 from models.presets import DEFAULT_PRESET, get_preset
 from models.teacher import ensure_trained

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from bench.configuration import TransformSpec
-from bench.errors import CompoundError
+from core.errors import CompoundError
 from models.checkpoint import CACHE_ENV_VAR, cache_dir, load_model_dir, load_trained
 from models.presets import DEFAULT_PRESET, PRESETS
 

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from bench import analysis
 from bench.commands.common import (
     add_json_arg,
     add_model_args,
@@ -32,16 +31,17 @@ from bench.commands.common import (
 )
 from bench.configuration import ModelSource, Protocol, RunSpec, TransformSpec
 from bench.designs import BASELINE, DESIGNS, build_configurations, parse_designs
-from bench.environment import collect_environment
-from bench.errors import CompoundError
-from bench.judge import judge
-from bench.preflight import REJECTED, run_preflight, unmet_requirements
-from bench.report import render_run
-from bench.report_md import markdown_report
-from bench.runner import run_rounds
+from bench.judge import analysis
+from bench.judge.suite_verdict import judge
+from bench.measure.environment import collect_environment
+from bench.measure.preflight import REJECTED, run_preflight, unmet_requirements
+from bench.measure.runner import run_rounds
+from bench.measure.worker import load_bundle
+from bench.measure.workload import WorkloadSpec
+from bench.report.markdown import markdown_report
+from bench.report.terminal import render_run
 from bench.store import RunStore, load_run
-from bench.worker import load_bundle
-from bench.workload import WorkloadSpec
+from core.errors import CompoundError
 from models.bundle import ModelBundle
 from models.checkpoint import cache_dir
 from models.presets import DEFAULT_PRESET, get_preset

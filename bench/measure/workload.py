@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from bench.trackers.latency import RequestTiming, Stopwatch, synchronize
+from bench.measure.trackers.latency import RequestTiming, Stopwatch, synchronize
 from models.bundle import ModelBundle
 from models.dataset import make_examples
 from models.prompting import Request, model_inputs

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from bench.stats import DEFAULT_RESAMPLES, DeltaEstimate, joint_bootstrap
+from bench.judge.stats import DEFAULT_RESAMPLES, DeltaEstimate, joint_bootstrap
 
 COMPOUNDS = "compounds"
 SUB_MULTIPLICATIVE = "sub-multiplicative"

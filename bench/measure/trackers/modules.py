@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bench.trackers.latency import Device, is_cuda, synchronize, time_call
+from bench.measure.trackers.latency import Device, is_cuda, synchronize, time_call
 
 OTHER = "other"
 

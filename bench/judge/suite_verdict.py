@@ -3,7 +3,7 @@
 Per metric (latency, energy, peak memory, cost): the measured stack's saving with its CI, the
 eq 4.2 prediction from the singles, the hierarchical prediction from module shares and local
 savings (time-based metrics only), the residual and one word judged by the residual's interval
-(`bench.verdict`). Around it: accuracy (stacked loss vs the sum of single losses), the
+(`bench.judge.verdict`). Around it: accuracy (stacked loss vs the sum of single losses), the
 leave-one-out table (each transform's saving alone vs added last to the stack), and, from a
 factorial design, a verdict per pair.
 
@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.analysis import block_values, paired_saving, timed
 from bench.designs import AA_CONTROL, BASELINE, config_name
-from bench.errors import CompoundError
-from bench.formulas import compound_hierarchical
-from bench.verdict import COMPOUNDS, accuracy_verdict, metric_verdict
+from bench.judge.analysis import block_values, paired_saving, timed
+from bench.judge.formulas import compound_hierarchical
+from bench.judge.verdict import COMPOUNDS, accuracy_verdict, metric_verdict
+from core.errors import CompoundError
 
 # label → candidate metrics (the first one measured is used), and whether time shares apply.
 VERDICT_METRICS: tuple[tuple[str, tuple[str, ...], bool], ...] = (

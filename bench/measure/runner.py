@@ -17,9 +17,9 @@ from multiprocessing.process import BaseProcess
 import numpy as np
 
 from bench.configuration import RunSpec
-from bench.samples import Sample
+from bench.measure.worker import worker_main
 from bench.store import RunStore
-from bench.worker import worker_main
+from core.samples import Sample
 
 BLOCK_TIMEOUT_S = 1800.0  # one block of a cost-only 7B shape on a CPU can be slow, never this slow
 

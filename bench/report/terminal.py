@@ -9,7 +9,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from bench.report_md import interval, pct
+from bench.report.markdown import interval, pct
 
 # (metric, modality, row label, scale, format) for the per-configuration table.
 HEADLINE: tuple[tuple[str, str, str, float, str], ...] = (

@@ -7,7 +7,7 @@ estimated energy is itself estimated; from measured energy it is derived.
 
 from __future__ import annotations
 
-from bench.samples import Sample, Source
+from core.samples import Sample, Source
 
 # CodeCarbon's world-average grid carbon intensity, used when no region is given.
 WORLD_GRID_G_PER_KWH = 475.0

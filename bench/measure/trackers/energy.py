@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bench.samples import Sample, Source
+from core.samples import Sample, Source
 
 # Watts drawn per CPU core kept busy, for the estimate used when RAPL is unreadable.
 # A CPU's TDP divided by its cores, for a common cloud server part: the Intel Xeon

@@ -22,8 +22,8 @@ import psutil
 import torch
 from torch import nn
 
-from bench.samples import Sample, Source
-from bench.trackers.energy import nvml_handle
+from bench.measure.trackers.energy import nvml_handle
+from core.samples import Sample, Source
 
 
 def _tensor_bytes(tensor: torch.Tensor, seen: set[tuple[str, int]]) -> int:

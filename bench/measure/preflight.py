@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.configuration import Configuration, TransformSpec
 from bench.designs import BASELINE, config_name
-from bench.workload import WorkloadSpec, build_requests
+from bench.measure.workload import WorkloadSpec, build_requests
 from models.bundle import ModelBundle
 from models.evaluate import EvalResult, evaluate
 from optimizations.registry import apply_transforms, check_lossless, get_transform

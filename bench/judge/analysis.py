@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench.stats import DeltaEstimate, paired_delta, summarize
+from bench.judge.stats import DeltaEstimate, paired_delta, summarize
 
 # Metrics recorded once per request; a block's value is their mean (the mixed workload is
 # bimodal, image vs text, so a per-block median would jump between the two modes).

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.analysis import COLD_MODALITY
+from bench.judge.analysis import COLD_MODALITY
 
 # Figures the transforms log while serving: (metric, label, scale, format).
 TRANSFORM_FIGURES = (

@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from bench.trackers.energy import nvml_handle
+from bench.measure.trackers.energy import nvml_handle
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _PACKAGES = ("torch", "transformers", "numpy", "pandas")
 
 T = TypeVar("T")

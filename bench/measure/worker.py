@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from bench.configuration import Configuration, ModelSource, RunSpec
-from bench.samples import Sample
-from bench.trackers.cost import carbon_sample, cost_sample
-from bench.trackers.energy import select_energy_meter
-from bench.trackers.latency import RequestTiming, set_threads, synchronize
-from bench.trackers.memory import MemoryTracker
-from bench.trackers.modules import ModuleTimer
-from bench.workload import build_requests, generate, serve_timed
+from bench.measure.trackers.cost import carbon_sample, cost_sample
+from bench.measure.trackers.energy import select_energy_meter
+from bench.measure.trackers.latency import RequestTiming, set_threads, synchronize
+from bench.measure.trackers.memory import MemoryTracker
+from bench.measure.trackers.modules import ModuleTimer
+from bench.measure.workload import build_requests, generate, serve_timed
+from core.samples import Sample
 from models.bundle import ModelBundle
 from models.prompting import Request
 

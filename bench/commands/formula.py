@@ -36,8 +36,7 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from bench.errors import CompoundError
-from bench.formulas import (
+from bench.judge.formulas import (
     PAPER_EXAMPLES,
     READINGS,
     CompoundResult,
@@ -45,6 +44,7 @@ from bench.formulas import (
     compound_modules,
     modules_needed,
 )
+from core.errors import CompoundError
 
 DEFAULT_TARGETS: tuple[tuple[float, str], ...] = (
     (0.50, "efficiency gain, the paper's claim"),

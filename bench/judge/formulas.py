@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from bench.errors import CompoundError
+from core.errors import CompoundError
 
 WEIGHT_TOLERANCE = 1e-6
 """How far a set of weights or shares may sum from 1 (float round-off in measured shares)."""
