@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from core.errors import CompoundError
+from core.errors import CompoundError, RunInterrupted
 
 # Each module listed here exposes `register(subparsers)`, which adds its subcommand
 # with `parser.set_defaults(handler=...)`; a handler takes the parsed args and returns an exit code.
@@ -22,7 +22,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """Bad usage prints one line (plus a hint), not the whole usage block."""
+    """Bad usage prints one line that says where help is, not the whole usage block."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -46,9 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
+    except RunInterrupted as stopped:
+        print(f"compound: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except CompoundError as error:
         print(f"compound: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except KeyboardInterrupt:
         print("compound: interrupted", file=sys.stderr)
         return 130

@@ -5,18 +5,34 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.measure.workload import WorkloadSpec
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """What each timed block serves: requests from the held-out test split, mixed by modality."""
+
+    requests_per_block: int = 8
+    image_fraction: float = 0.5
+    new_tokens: int = 8
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A trained or cost-only preset (from the cache), or a checkpoint directory."""
+    """A trained or cost-only preset (from the cache), or a checkpoint directory.
+
+    `trained` says whether a checkpoint directory from elsewhere is trained: only the user
+    knows, so it is False unless they say so (our own checkpoints record it themselves).
+    """
 
     preset: str | None = None
     model_path: str | None = None
     cache_dir: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    trained: bool = False
 
     def describe(self) -> str:
         return self.model_path or str(self.preset)
@@ -43,7 +59,7 @@ class Configuration:
 
 @dataclass(frozen=True)
 class Protocol:
-    """The run protocol from MEASUREMENT.md: warm-up, then rounds until both minima are met."""
+    """The run protocol: warm-up, then rounds until both minima (rounds, timed seconds) are met."""
 
     warmup_requests: int = 3
     min_rounds: int = 10

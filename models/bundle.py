@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
+from models.events import Events
 from models.prompting import PromptFormat
 from models.tokenizer import build_tokenizer
 
@@ -28,6 +29,7 @@ class ModelBundle:
     trained: bool
     source: str  # "preset", or the checkpoint directory it was loaded from
     metadata: dict[str, Any] = field(default_factory=dict)
+    events: Events = field(default_factory=Events)  # what transforms report while serving
 
     # --- named handles -------------------------------------------------------------------
     @property

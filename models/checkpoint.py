@@ -116,10 +116,34 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _own_weights(model: torch.nn.Module) -> None:
+    """Copy CPU weights out of the checkpoint's memory map into this process's own memory.
+
+    transformers loads safetensors as views of one file mapping, which stays mapped (and its
+    touched pages resident) while any tensor of the file lives. A transform that replaces or
+    drops weights (fused projections, vision sleep) would then free nothing: measured on a
+    228M-parameter model, fusing q/k/v and gate/up raised a serving block's peak RSS by
+    269 MiB, the size of the weights it replaced. Copied, the old weights are freed. The copy
+    costs a one-off peak of about twice the weights while loading, outside any timed block.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+
+
 def load_model_dir(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trained: bool = False,
 ) -> ModelBundle:
-    """Load one of our checkpoints or a LLaVA-family checkpoint directory from disk."""
+    """Load one of our checkpoints or a LLaVA-family checkpoint directory from disk.
+
+    Our checkpoints record whether they are trained; a directory from elsewhere is taken as
+    untrained (cost-only: accuracy is not scored) unless the caller says `trained=True`.
+    """
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise CompoundError(f"model path is not a directory: {directory}")
@@ -128,7 +152,8 @@ def load_model_dir(
     if model_type != "llava":
         raise CompoundError(
             f"unsupported architecture {model_type!r} in {directory}: compound-bench loads "
-            "LLaVA-family checkpoints (model_type 'llava')"
+            "LLaVA-family checkpoints (model_type 'llava'); for a Llama-family language model, "
+            f"`compound wrap {directory} --out DIR` builds one around it"
         )
     ours = (directory / METADATA_FILE).exists()
     metadata = _read_json(directory / METADATA_FILE, "checkpoint metadata") if ours else {}
@@ -142,6 +167,7 @@ def load_model_dir(
             str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         )
         raise CompoundError(f"cannot load weights from {directory}: {first_line}") from None
+    _own_weights(model)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
@@ -156,7 +182,7 @@ def load_model_dir(
         model,
         prompt_format_for(model, tokenizer),
         preset=str(metadata.get("preset", directory.name)),
-        trained=bool(metadata.get("trained", True)),
+        trained=bool(metadata["trained"]) if ours else trained,
         source=str(directory),
         metadata=extra,
     )

@@ -10,7 +10,8 @@ import torch
 
 from models.bundle import ModelBundle
 from models.dataset import Example, Split, make_examples
-from models.prompting import Request, model_inputs
+from models.generation import model_inputs
+from models.prompting import Request
 
 
 @dataclass

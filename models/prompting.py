@@ -1,9 +1,8 @@
-"""Turn dataset examples into model inputs: token ids with image placeholders, and pixel tensors."""
+"""Turn dataset examples into requests: token ids with image placeholders, and pixel tensors."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,9 +10,6 @@ from transformers import PreTrainedTokenizerBase
 
 from models.dataset import Example, render_array
 from models.tokenizer import SEP
-
-if TYPE_CHECKING:
-    from models.bundle import ModelBundle
 
 
 @dataclass
@@ -70,17 +66,3 @@ def stack_pixels(requests: list[Request]) -> torch.Tensor | None:
     """Pixel values of the image-bearing requests, in order (LLaVA fills placeholders in order)."""
     images = [r.pixel_values for r in requests if r.pixel_values is not None]
     return torch.stack(images) if images else None
-
-
-def model_inputs(bundle: ModelBundle, requests: list[Request]) -> dict[str, torch.Tensor]:
-    """Keyword inputs for forward/generate on equal-length prompts.
-
-    `pixel_values` is left out entirely for text-only batches: generate() treats a present-but-None
-    key as an image to encode.
-    """
-    inputs = {"input_ids": torch.tensor([r.input_ids for r in requests], device=bundle.device)}
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    pixels = stack_pixels(requests)
-    if pixels is not None:
-        inputs["pixel_values"] = pixels.to(bundle.device, bundle.dtype)
-    return inputs

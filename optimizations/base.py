@@ -1,117 +1,53 @@
-"""The Transform base: one paper technique as a declared, validated, copy-on-apply change.
+"""The Transform base: one paper technique as a declared, validated change to a bundle.
 
 A transform declares what it touches (`targets`, handle names or fnmatch patterns over
 `ModelBundle.handles()`), whether it is lossless and within which tolerance, what it needs
-(`requires`), which transforms it cannot be stacked with, and typed parameters. `apply` always
-works on a clone, so the bundle it was given stays usable as the baseline. A transform never
-measures anything; it may only report what it did in `bundle.metadata`.
+(`requires`), which transforms it cannot be stacked with, typed parameters, and the figures it
+reports (`figures`). It changes a bundle only through its handles, and never measures: while
+serving it opens spans and reports values on `bundle.events`, which the harness's trackers
+time and record, and it returns the figures it knows once applied (bytes it freed).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import importlib.metadata
-import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
-from packaging.version import InvalidVersion, Version
 
 from core.errors import CompoundError
 from models.bundle import ModelBundle
+from optimizations.params import Param
+from optimizations.requirements import unmet_requirement
 
 TRANSFORMS: dict[str, type[Transform]] = {}
 
-_VERSION_REQUIREMENT = re.compile(r"^([A-Za-z0-9_.\-]+)\s*(>=|<=|==|>|<)\s*([0-9][\w.+]*)$")
-_COMPARE = {
-    ">=": Version.__ge__,
-    "<=": Version.__le__,
-    "==": Version.__eq__,
-    ">": Version.__gt__,
-    "<": Version.__lt__,
-}
+FigureKind = Literal["span", "value", "applied"]
 
 
 @dataclass(frozen=True)
-class Param:
-    """One typed parameter: its default, help text and allowed values."""
+class Figure:
+    """One figure a transform reports, declared so reports can show it by name alone.
 
-    name: str
-    type: type
-    default: Any
-    help: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True: `low` itself is not allowed
-    high_open: bool = False
-    nullable: bool = False  # None is a valid value
-    choices: tuple[Any, ...] | None = None
-
-    @property
-    def type_name(self) -> str:
-        return self.type.__name__ + (" | None" if self.nullable else "")
-
-    def range_text(self) -> str | None:
-        if self.choices is not None:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        if self.low is None and self.high is None:
-            return None
-        left = "-inf" if self.low is None else f"{self.low:g}"
-        right = "inf" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.low_open or self.low is None else '['}{left}, {right}" + (
-            ")" if self.high_open or self.high is None else "]"
-        )
-
-    def validate(self, owner: str, value: Any) -> Any:
-        """The value, converted where harmless (int → float); CompoundError when it is wrong."""
-        where = f"transform {owner}: parameter {self.name!r}"
-        if value is None:
-            if self.nullable:
-                return None
-            raise CompoundError(f"{where} must be {self.type_name}, got None")
-        value = self._coerce(where, value)
-        if self.choices is not None and value not in self.choices:
-            raise CompoundError(f"{where} must be {self.range_text()}, got {value!r}")
-        if not self._in_range(value):
-            raise CompoundError(f"{where} must be in {self.range_text()}, got {value!r}")
-        return value
-
-    def _coerce(self, where: str, value: Any) -> Any:
-        # bool is an int subclass: True must not pass as 1, nor 1 as True.
-        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, bool) != (self.type is bool) or not isinstance(value, self.type):
-            raise CompoundError(
-                f"{where} must be {self.type_name}, got {type(value).__name__} {value!r}"
-            )
-        return value
-
-    def _in_range(self, value: Any) -> bool:
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or not (
-            value > self.high or (self.high_open and value == self.high)
-        )
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "type": self.type_name,
-            "default": self.default,
-            "help": self.help,
-            "range": self.range_text(),
-        }
-
-
-def figure_log(bundle: ModelBundle) -> list[dict[str, Any]]:
-    """Where a transform logs what it observes while serving (a wake's latency, tokens kept).
-
-    Each entry is {"metric", "value", "unit"} plus optional "module" and "source"; the worker
-    drains the log after every timed block into that block's samples.
+    kind: "span", work the transform adds while serving, timed by the harness (unit "s");
+    "value", a number it reports while serving (e.g. the fraction of tokens kept); "applied",
+    a number known once applied, returned by `apply_in_place` (e.g. bytes freed).
     """
-    return bundle.metadata.setdefault("figures", [])
+
+    metric: str
+    label: str
+    unit: str
+    kind: FigureKind
+    module: str = "total"
+
+    def __post_init__(self) -> None:
+        if self.kind == "span" and self.unit != "s":
+            raise ValueError(f"figure {self.metric}: a span is timed in seconds, not {self.unit}")
+
+    def describe(self) -> dict[str, str]:
+        return asdict(self)
 
 
 def register(cls: type[Transform]) -> type[Transform]:
@@ -121,34 +57,6 @@ def register(cls: type[Transform]) -> type[Transform]:
         raise ValueError(f"two transforms are named {cls.name!r}: {known} and {cls}")
     TRANSFORMS[cls.name] = cls
     return cls
-
-
-def unmet_requirement(requirement: str, bundle: ModelBundle) -> str | None:
-    """Why one requirement is not met here, or None.
-
-    Understood: "cuda" (the bundle runs on a CUDA device), "materialized" (real weights, not
-    the meta device) and "<package><op><version>", e.g. "torch>=2.5".
-    """
-    if requirement == "cuda":
-        if bundle.device.type != "cuda":
-            return f"needs a CUDA device (the model is on {bundle.device.type})"
-        return None
-    if requirement == "materialized":
-        return None if bundle.is_materialized else "needs real weights (the model is on meta)"
-    match = _VERSION_REQUIREMENT.match(requirement)
-    if match is None:
-        raise ValueError(f"unknown requirement {requirement!r}")
-    package, op, wanted = match.groups()
-    try:
-        installed = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return f"needs {requirement} ({package} is not installed)"
-    try:
-        if _COMPARE[op](Version(installed), Version(wanted)):
-            return None
-    except InvalidVersion:
-        return f"needs {requirement} (cannot read installed version {installed!r})"
-    return f"needs {requirement} ({package} {installed} is installed)"
 
 
 class Transform(ABC):
@@ -164,6 +72,7 @@ class Transform(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
     conflicts_with: ClassVar[frozenset[str]] = frozenset()
     params: ClassVar[tuple[Param, ...]] = ()
+    figures: ClassVar[tuple[Figure, ...]] = ()
 
     def __init__(self, **values: Any) -> None:
         self.values = self.validate_params(values)
@@ -195,6 +104,7 @@ class Transform(ABC):
             "requires": sorted(cls.requires),
             "conflicts_with": sorted(cls.conflicts_with),
             "params": [p.describe() for p in cls.params],
+            "figures": [f.describe() for f in cls.figures],
         }
 
     def tolerance_for(self, dtype: torch.dtype) -> float:
@@ -231,19 +141,14 @@ class Transform(ABC):
             if any(fnmatch.fnmatchcase(handle, pattern) for pattern in self.targets)
         ]
 
-    def apply(self, bundle: ModelBundle) -> ModelBundle:
-        """A transformed clone; `bundle` itself is left untouched."""
-        reason = self.check_requirements(bundle)
-        if reason is not None:
-            raise CompoundError(f"transform {self.name} skipped: {reason}")
-        self.validate_for(bundle)
-        transformed = bundle.clone()
-        self.apply_recorded(transformed)
-        return transformed
-
     def apply_recorded(self, bundle: ModelBundle) -> None:
-        """Change `bundle` in place and note what was applied in its metadata."""
-        self.apply_in_place(bundle)
+        """Change `bundle` in place and note what was applied, with its applied figures."""
+        applied = self.apply_in_place(bundle) or {}
+        declared = {f.metric: f for f in self.figures if f.kind == "applied"}
+        if set(applied) - set(declared):
+            raise ValueError(
+                f"transform {self.name} returned undeclared figures {sorted(set(applied))}"
+            )
         bundle.metadata.setdefault("transforms", []).append(
             {
                 "name": self.name,
@@ -251,12 +156,24 @@ class Transform(ABC):
                 "lossless": self.lossless,
                 "tolerance": self.tolerance_for(bundle.dtype) if self.lossless else None,
                 "targets": self.target_handles(bundle),
+                "figures": [
+                    {
+                        "metric": metric,
+                        "value": float(value),
+                        "unit": declared[metric].unit,
+                        "module": declared[metric].module,
+                    }
+                    for metric, value in applied.items()
+                ],
             }
         )
 
     @abstractmethod
-    def apply_in_place(self, bundle: ModelBundle) -> None:
-        """Change `bundle` (already a private copy); find modules only through its handles."""
+    def apply_in_place(self, bundle: ModelBundle) -> dict[str, float] | None:
+        """Change `bundle` (already a private copy); find modules only through its handles.
+
+        Returns the "applied" figures it declared (metric → value), or None.
+        """
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.values.items())

@@ -22,7 +22,8 @@ from torch.nn import functional as F
 
 from core.errors import CompoundError
 from models.bundle import ModelBundle
-from optimizations.base import Param, Transform, register
+from optimizations.base import Transform, register
+from optimizations.params import Param
 
 
 class FusedLinear(nn.Module):

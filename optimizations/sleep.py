@@ -23,7 +23,6 @@ While asleep each parameter has an empty (0-element) tensor of its dtype on its 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,9 @@ from torch import nn
 
 from core.errors import CompoundError
 from models.bundle import ModelBundle
-from optimizations.base import Param, Transform, figure_log, register
+from models.events import Events
+from optimizations.base import Figure, Transform, register
+from optimizations.params import Param
 
 MODES = ("auto", "cuda-pinned", "checkpoint", "cpu-copy")
 
@@ -155,18 +156,13 @@ class _Sleeper:
     """Owns the sleeping weights; its bound methods are the hooks (so clones stay consistent)."""
 
     def __init__(
-        self,
-        groups: dict[str, list[_Slot]],
-        store: Any,
-        record: dict[str, Any],
-        figures: list[dict[str, Any]],
+        self, groups: dict[str, list[_Slot]], store: Any, record: dict[str, Any], events: Events
     ):
         self.groups = groups  # handle name → its slots
         self.store = store
         self.record = record
-        self.figures = figures
+        self.events = events
         self.asleep: set[str] = set()
-        self.cuda = any(s.device.type == "cuda" for slots in groups.values() for s in slots)
 
     def sleep(self, group: str) -> None:
         if group in self.asleep:
@@ -178,24 +174,14 @@ class _Sleeper:
         self.record["asleep"] = sorted(self.asleep)
 
     def wake(self, groups: set[str]) -> None:
-        """Bring the sleeping ones of `groups` back, timing it as one wake."""
+        """Bring the sleeping ones of `groups` back, as one span the harness may time."""
         waking = sorted(self.asleep & groups)
         if not waking:
             return
-        if self.cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
         slots = [s for g in waking for s in self.groups[g]]
-        with torch.inference_mode(False):
+        with self.events.span(WAKE.metric, WAKE.module), torch.inference_mode(False):
             for slot, tensor in zip(slots, self.store.load(slots), strict=True):
                 slot.parameter.data = tensor
-        if self.cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        self.record["wake_seconds"].append(seconds)
-        self.figures.append(
-            {"metric": "sleep_wake_s", "value": seconds, "unit": "s", "module": "vision_encoder"}
-        )
         self.record["wakes"] += 1
         self.asleep -= set(waking)
         self.record["asleep"] = sorted(self.asleep)
@@ -214,6 +200,12 @@ class _Sleeper:
         self.sleep("projector")
 
 
+WAKE = Figure("sleep_wake_s", "vision-encoder wake latency", "s", "span", "vision_encoder")
+FREED = Figure(
+    "sleep_bytes_freed", "bytes freed while asleep", "bytes", "applied", "vision_encoder"
+)
+
+
 @register
 class VisionSleep(Transform):
     name = "vision_sleep"
@@ -225,6 +217,7 @@ class VisionSleep(Transform):
     lossless = True
     tolerance = 0.0  # the same weights come back bit for bit
     requires = frozenset({"materialized"})
+    figures = (WAKE, FREED)
     params = (
         Param(
             "keep_projector_awake",
@@ -267,36 +260,26 @@ class VisionSleep(Transform):
             return _HostStore(slots, copy_to_pinned=False), "cpu-copy", note
         return _HostStore(slots, False), "cpu-copy", "weights kept in host memory"
 
-    def apply_in_place(self, bundle: ModelBundle) -> None:
+    def apply_in_place(self, bundle: ModelBundle) -> dict[str, float]:
         handles = {name: bundle.handles()[name] for name in self.target_handles(bundle)}
         groups = {name: _slots(bundle, [module]) for name, module in handles.items()}
         every = [s for slots in groups.values() for s in slots]
         store, mode, note = self._store(bundle, every)
         offloaded = sum(s.nbytes for s in every)
+        # On the model's device; a CPU model keeping a host copy frees nothing.
+        freed = 0 if mode == "cpu-copy" and bundle.device.type == "cpu" else offloaded
         record: dict[str, Any] = {
             "mode": mode,
             "note": note,
             "modules": list(groups),
             "parameters": len(every),
             "bytes_offloaded": offloaded,  # leave the model while asleep
-            # on the model's device; a CPU model keeping a host copy frees nothing
-            "bytes_freed": 0 if mode == "cpu-copy" and bundle.device.type == "cpu" else offloaded,
+            "bytes_freed": freed,
             "asleep": [],
             "wakes": 0,
-            "wake_seconds": [],
         }
         bundle.metadata["sleep"] = record
-        figures = figure_log(bundle)
-        figures.append(
-            {
-                "metric": "sleep_bytes_freed",
-                "value": record["bytes_freed"],
-                "unit": "bytes",
-                "module": "vision_encoder",
-                "source": "derived",  # summed from the sleeping tensors' sizes
-            }
-        )
-        sleeper = _Sleeper(groups, store, record, figures)
+        sleeper = _Sleeper(groups, store, record, bundle.events)
         bundle.vision_encoder.register_forward_pre_hook(sleeper.before_vision)
         bundle.vision_encoder.register_forward_hook(sleeper.after_vision)
         if "projector" in groups:
@@ -304,3 +287,4 @@ class VisionSleep(Transform):
             bundle.projector.register_forward_hook(sleeper.after_projector)
         for group in groups:
             sleeper.sleep(group)
+        return {FREED.metric: freed}  # summed from the sleeping tensors' sizes

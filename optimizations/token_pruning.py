@@ -42,7 +42,10 @@ from transformers import DynamicCache
 
 from core.errors import CompoundError
 from models.bundle import ModelBundle
-from optimizations.base import Param, Transform, figure_log, register
+from optimizations.base import Figure, Transform, register
+from optimizations.params import Param
+
+KEPT = Figure("pruning_kept_fraction", "image tokens kept", "fraction", "value")
 
 
 def _take(tensor: torch.Tensor, keep: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -95,7 +98,7 @@ class _Pruner:
     """Per-call state and the hooks; its bound methods are the hooks, so clones stay consistent."""
 
     def __init__(self, bundle: ModelBundle, layer: int, keep_ratio: float, threshold: float | None):
-        self.figures = figure_log(bundle)
+        self.events = bundle.events
         self.image_token_id = bundle.model.config.image_token_id
         self.first = bundle.decoder_layers[layer]
         self.keep_ratio = keep_ratio
@@ -165,9 +168,7 @@ class _Pruner:
         else:
             above = ((scores >= self.threshold) & image).sum(dim=1)
             kept = max(1, int(above.max()))
-        self.figures.append(
-            {"metric": "pruning_kept_fraction", "value": kept / total, "unit": "fraction"}
-        )
+        self.events.value(KEPT.metric, kept / total, KEPT.unit)
         self.record["requests"].append(
             {
                 "image_tokens": total,
@@ -228,6 +229,7 @@ class VisualTokenPruning(Transform):
     targets = ("layers.*.attention", "layers.*.mlp")
     lossless = False
     tolerance = None
+    figures = (KEPT,)
     params = (
         Param(
             "layer",

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from bench.judge import analysis
+from bench.judge.shares import module_shares
 from core.samples import Sample
 
 
@@ -48,11 +49,27 @@ def test_comparison_recovers_a_planted_saving_despite_drift():
 
 
 def test_module_shares_sum_to_one_with_other_as_the_rest():
-    shares = analysis.module_shares(_synthetic())
-    baseline = shares[shares.config == "baseline"].set_index("module")["share"]
-    assert abs(baseline.sum() - 1.0) < 1e-12
-    assert abs(baseline["vision_encoder"] - 0.3) < 1e-12
-    assert abs(baseline["other"] - 0.2) < 1e-12
+    shares = module_shares(_synthetic())
+    baseline = shares[shares.config == "baseline"].set_index("module")
+    assert abs(baseline["share"].sum() - 1.0) < 1e-12
+    assert abs(baseline.loc["vision_encoder", "share"] - 0.3) < 1e-12
+    assert abs(baseline.loc["other", "share"] - 0.2) < 1e-12
+    assert abs(baseline.loc["layers.0.mlp", "seconds"] - 0.5) < 1e-12
+    assert set(baseline["rounds"]) == {20}
+
+
+def test_module_share_is_a_ratio_of_means_not_a_mean_of_ratios():
+    """Passes of 1 s and 3 s with 0.5 s of vision each: 1.0 / 4.0 = 25% of the time is
+    vision. Averaging each pass's share would say (50% + 16.7%) / 2 = 33%."""
+    samples = []
+    for block, total in ((0, 1.0), (1, 3.0)):
+        samples.append(Sample("baseline", block, "hooked_block_seconds", total, "s"))
+        samples.append(
+            Sample("baseline", block, "module_time_s", 0.5, "s", module="vision_encoder")
+        )
+    shares = module_shares(_frame(samples)).set_index("module")["share"]
+    assert abs(shares["vision_encoder"] - 0.25) < 1e-12
+    assert abs(shares["other"] - 0.75) < 1e-12
 
 
 def test_summary_splits_per_request_latency_by_modality_and_keeps_cold_start():
@@ -66,10 +83,14 @@ def test_summary_splits_per_request_latency_by_modality_and_keeps_cold_start():
 
 def test_flags_name_noisy_metrics_and_missing_energy():
     frame = _synthetic()
-    extra = [
+    # A third configuration whose blocks alternate between 0.1 s and 0.2 s: IQR/median ≈ 67%.
+    noisy = [Sample("jumpy", b, "latency_mean_s", 0.1 if b % 2 else 0.2, "s") for b in range(20)]
+    missing = [
         Sample("baseline", b, "energy_j", float("nan"), "J", source="estimated") for b in range(2)
     ]
-    frame = pd.concat([frame, _frame(extra)], ignore_index=True)
+    frame = pd.concat([frame, _frame(noisy + missing)], ignore_index=True)
     found = analysis.flags(frame, analysis.summary_table(frame))
     assert any("energy: 2 window(s)" in f for f in found)
-    assert not any(f.startswith("noisy: baseline latency_mean_s") for f in found)
+    assert [f for f in found if f.startswith("noisy:") and "latency_mean_s" in f] == [
+        "noisy: jumpy latency_mean_s: IQR/median 67% > 10%"
+    ]

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from bench.cli import main
 from bench.judge.formulas import (
-    INTERACTION_COLUMNS,
     PAPER_EXAMPLES,
     READINGS,
     ModuleSaving,
@@ -21,11 +20,8 @@ from bench.judge.formulas import (
     compound_independent,
     compound_modules,
     compound_weighted,
+    independent_saving,
     modules_needed,
-    pairwise_interactions,
-    reading_value,
-    relative_saving,
-    residual,
 )
 from core.errors import CompoundError
 
@@ -62,19 +58,7 @@ def test_paper_examples_flag_only_the_nine_module_slip() -> None:
     assert by_name["sec 3: three -1% (power) modules"].computed == pytest.approx(-0.0294, abs=5e-5)
 
 
-# --- eq 4.1 and eq 4.2 ------------------------------------------------------------------------
-
-
-def test_relative_saving_sign_convention() -> None:
-    assert relative_saving(100.0, 90.0) == pytest.approx(0.10)
-    assert relative_saving(100.0, 110.0) == pytest.approx(-0.10)
-    assert relative_saving(8.0, 0.0) == 1.0  # a module switched off saves all of its own cost
-
-
-@pytest.mark.parametrize(("base", "opt"), [(0.0, 1.0), (-1.0, 1.0), (1.0, -0.5), (math.nan, 1)])
-def test_relative_saving_rejects_impossible_resources(base: float, opt: float) -> None:
-    with pytest.raises(CompoundError):
-        relative_saving(base, opt)
+# --- eq 4.2 ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bad", [1.0, 1.5, math.inf, math.nan])
@@ -181,7 +165,6 @@ def test_compound_modules_names_declared_inputs() -> None:
     assert result.independent == pytest.approx(0.235)
     assert result.weighted == pytest.approx(0.12)
     assert result.declared_inputs == ("hbm",)
-    assert not result.all_measured
     assert result.to_dict()["declared_inputs"] == ("hbm",)
 
 
@@ -235,6 +218,15 @@ def test_modules_needed_known_answers(saving, target, reading, expected: int) ->
     assert modules_needed(saving, target, reading) == expected
 
 
+def reading_value(s: float, n: int, reading: str) -> float:
+    """What n equal, independent modules of saving s give under one reading, by brute force."""
+    if reading == "resource-saving":
+        return 1 - (1 - s) ** n
+    if reading == "speed-up":
+        return (1 - s) ** -n - 1
+    return (1 + s) ** n - 1
+
+
 @given(
     st.floats(min_value=1e-3, max_value=0.5),
     st.floats(min_value=1e-3, max_value=0.95),
@@ -259,38 +251,14 @@ def test_modules_needed_unreachable_and_invalid() -> None:
         modules_needed(0.01, 0.0, "growth")
 
 
-# --- interactions -----------------------------------------------------------------------------
+# --- the vectorised eq 4.2 the verdict bootstraps ------------------------------------------
 
 
-def _factorial_with_planted_interactions() -> dict[frozenset[str], float]:
-    singles = {"a": 0.10, "b": 0.20, "c": 0.05}
-    planted = {("a", "b"): 0.03, ("a", "c"): 0.0, ("b", "c"): -0.02}
-    measured = {frozenset(): 0.0} | {frozenset({k}): v for k, v in singles.items()}
-    for (x, y), extra in planted.items():
-        measured[frozenset({x, y})] = 1 - (1 - singles[x]) * (1 - singles[y]) + extra
-    measured[frozenset(singles)] = 0.33  # the full stack: ignored by the pairwise table
-    return measured
-
-
-def test_pairwise_interactions_recover_planted_values() -> None:
-    table = pairwise_interactions(_factorial_with_planted_interactions())
-    assert tuple(table.columns) == INTERACTION_COLUMNS
-    assert list(zip(table["a"], table["b"], strict=True)) == [("a", "b"), ("a", "c"), ("b", "c")]
-    assert table["interaction"].tolist() == pytest.approx([0.03, 0.0, -0.02], abs=1e-12)
-    assert table.loc[0, "predicted"] == pytest.approx(0.28)
-
-
-def test_pairwise_interactions_need_singles_and_a_zero_baseline() -> None:
-    with pytest.raises(CompoundError, match="single"):
-        pairwise_interactions({frozenset({"a"}): 0.1, frozenset({"a", "b"}): 0.2})
-    with pytest.raises(CompoundError, match="baseline"):
-        pairwise_interactions({frozenset(): 0.01, frozenset({"a"}): 0.1})
-
-
-def test_residual_against_eq_4_2() -> None:
-    result = residual(0.25, [0.10, 0.15])
-    assert result.predicted == pytest.approx(0.235)
-    assert result.residual == pytest.approx(0.015)
+def test_independent_saving_is_eq_4_2_down_axis_0() -> None:
+    resamples = np.array([[0.10, 0.20, -0.05], [0.15, 0.0, 1.0]])
+    expected = [1 - 0.9 * 0.85, 0.20, 1.0]
+    assert independent_saving(resamples) == pytest.approx(expected, abs=1e-12)
+    assert float(independent_saving([0.10, 0.15])) == compound_independent([0.10, 0.15])
 
 
 # --- the CLI ----------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from models.checkpoint import (
 )
 from models.dataset import make_examples
 from models.evaluate import evaluate, greedy_answers
+from models.generation import model_inputs
 from models.presets import get_preset
-from models.prompting import model_inputs
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])

@@ -294,10 +294,28 @@ def test_run_with_transforms_writes_the_verdict_and_report(tiny_cache, tmp_path,
         "peak memory",
         "cost",
     ]
+    stack_rows = {
+        row["metric"]: row for row in out["comparisons"] if row["config"] == verdict["stack"]
+    }
     for row in verdict["metrics"]:
-        assert row["word"] in ("compounds", "sub-multiplicative", "super-multiplicative")
-        assert row["measured"]["lo"] <= row["measured"]["point"] <= row["measured"]["hi"]
+        residual = row["residual"]
+        # the word is the one the residual's interval calls for, whatever this machine measured
+        expected = (
+            "sub-multiplicative"
+            if residual["hi"] < 0
+            else "super-multiplicative"
+            if residual["lo"] > 0
+            else "compounds"
+        )
+        assert row["word"] == expected, row
         assert row["aa_control"] is not None
+        # one estimator: the verdict's measured stack is comparisons.csv's stack row
+        compared = stack_rows[row["metric"]]
+        assert (row["measured"]["point"], row["measured"]["lo"], row["measured"]["hi"]) == (
+            compared["delta"],
+            compared["lo"],
+            compared["hi"],
+        )
     assert verdict["accuracy"]["n_examples"] == 40
     run_dir = tmp_path / "suite"
     report = (run_dir / "report.md").read_text()
@@ -307,32 +325,46 @@ def test_run_with_transforms_writes_the_verdict_and_report(tiny_cache, tmp_path,
     assert pruned and all(s["median"] == pytest.approx(0.5) for s in pruned)
 
 
-def test_transforms_log_what_they_report_for_the_worker_to_drain():
-    from bench.measure.workload import build_requests, generate
-    from optimizations.base import figure_log
+def test_transforms_report_figures_the_harness_times_and_stores():
+    from bench.measure.trackers.events import EventTracker
+    from bench.measure.workload import build_requests
+    from models.generation import generate
     from optimizations.registry import apply_transforms
 
     torch.set_num_threads(1)
     tiny = build_bundle("tiny", seed=0)
     specs = (TransformSpec("vision_sleep"), TransformSpec("token_pruning"))
     transformed = apply_transforms(tiny, specs)
-    log = figure_log(transformed)
-    assert [f["metric"] for f in log] == ["sleep_bytes_freed"]  # known at apply time
-    assert log[0]["source"] == "derived" and log[0]["value"] == 0  # cpu-copy frees nothing
-    log.clear()
+    applied = {entry["name"]: entry["figures"] for entry in transformed.metadata["transforms"]}
+    # known at apply time, declared by the transform; cpu-copy frees nothing
+    assert applied == {
+        "vision_sleep": [
+            {
+                "metric": "sleep_bytes_freed",
+                "value": 0.0,
+                "unit": "bytes",
+                "module": "vision_encoder",
+            }
+        ],
+        "token_pruning": [],
+    }
+    transformed.events.listener = tracker = EventTracker("cpu")
     requests = build_requests(transformed, WorkloadSpec(requests_per_block=4, image_fraction=0.5))
     for request in requests:
         generate(transformed, request, 2)
     images = sum(r.pixel_values is not None for r in requests)
-    metrics = [f["metric"] for f in log]
-    assert metrics.count("sleep_wake_s") == images == metrics.count("pruning_kept_fraction")
-    assert all(f["value"] > 0 for f in log if f["metric"] == "sleep_wake_s")
+    samples = tracker.samples("stack", 0, 0.0, 1.0)
+    wakes = [s for s in samples if s.metric == "sleep_wake_s"]
+    kept = [s for s in samples if s.metric == "pruning_kept_fraction"]
+    assert len(wakes) == images == len(kept)
+    assert all(s.value > 0 and s.unit == "s" for s in wakes)
+    assert all(s.value == pytest.approx(0.5) for s in kept)
 
 
 def test_a_resumed_run_checks_only_the_configurations_not_yet_checked(tiny_cache, tmp_path):
-    from bench.commands.run import preflight
     from bench.configuration import ModelSource, Protocol, RunSpec
     from bench.store import RunStore
+    from bench.suite import Suite, check
 
     configurations = build_configurations((TransformSpec("fused_qkv"),), ["singles"])
     spec = RunSpec(
@@ -343,7 +375,7 @@ def test_a_resumed_run_checks_only_the_configurations_not_yet_checked(tiny_cache
     )
     store = RunStore.create(tmp_path, spec.to_dict(), {}, "resumed")
     store.record_extra("preflight", {"config": "baseline", "status": "ok", "stored": "before"})
-    preflight(store, spec, None, lambda _message: None)
+    check(Suite(store, spec))
     records = store.extras("preflight")
     assert [r["config"] for r in records] == ["baseline", "fused_qkv"]
     assert records[0]["stored"] == "before" and len(records[1]["correct"]) == 10

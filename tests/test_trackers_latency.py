@@ -1,5 +1,5 @@
-"""Latency timers and per-module attribution, checked against known durations and
-against torch.utils.benchmark on a fixed workload."""
+"""The clock, per-module attribution and the transform-event tracker, checked against known
+durations and against torch.utils.benchmark on a fixed workload."""
 
 from __future__ import annotations
 
@@ -12,19 +12,10 @@ import torch
 import torch.utils.benchmark as tbench
 from torch import nn
 
-from bench.measure.trackers.latency import (
-    RequestTiming,
-    Stopwatch,
-    set_threads,
-    throughput,
-    time_call,
-)
-from bench.measure.trackers.modules import (
-    ModuleTimer,
-    ShareOverrunWarning,
-    measure_hook_overhead,
-    module_shares,
-)
+from bench.measure.trackers.events import EventTracker
+from bench.measure.trackers.latency import Clock, RequestTiming, set_threads
+from bench.measure.trackers.modules import ModuleTimer
+from models.events import Events
 
 SLEEP_S = 0.05
 SLACK_S = 0.15  # generous: the machine is shared, sleep only guarantees a lower bound
@@ -116,36 +107,22 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
     return fake
 
 
-# --- Stopwatch, time_call -------------------------------------------------------------
+# --- Clock --------------------------------------------------------------------------------
 
 
-def test_stopwatch_known_duration() -> None:
-    sw = Stopwatch("cpu")
-    with sw.interval("sleep"):
-        time.sleep(SLEEP_S)
-    (seconds,) = sw.durations()["sleep"]
-    assert SLEEP_S <= seconds < SLEEP_S + SLACK_S
+def timed(clock: Clock, fn: Callable[[], object]) -> float:
+    """Seconds `fn` takes by `clock`'s marks (synchronising before reading them)."""
+    start = clock.mark()
+    fn()
+    end = clock.mark()
+    clock.synchronize()
+    seconds = clock.seconds(start, end)
+    clock.release([start, end])
+    return seconds
 
 
-def test_stopwatch_accumulates_names_in_order_and_skips_failed_intervals() -> None:
-    sw = Stopwatch("cpu")
-    for s in (0.03, 0.01):
-        with sw.interval("decode"):
-            time.sleep(s)
-    with sw.interval("prefill"):
-        pass
-    with pytest.raises(KeyError), sw.interval("broken"):
-        raise KeyError("x")
-    durations = sw.durations()
-    assert set(durations) == {"decode", "prefill"}
-    first, second = durations["decode"]
-    assert first >= 0.03 and second >= 0.01 and first > second
-    sw.reset()
-    assert sw.durations() == {}
-
-
-def test_time_call_known_duration() -> None:
-    assert SLEEP_S <= time_call(lambda: time.sleep(SLEEP_S), "cpu") < SLEEP_S + SLACK_S
+def test_clock_known_duration() -> None:
+    assert SLEEP_S <= timed(Clock("cpu"), lambda: time.sleep(SLEEP_S)) < SLEEP_S + SLACK_S
 
 
 def test_set_threads_returns_value_in_effect() -> None:
@@ -174,12 +151,13 @@ def _agreement(fn: Callable[[], object], device: str, rounds: int) -> float:
         measurement = timer.blocked_autorange(min_run_time=0.1)
         theirs.extend(measurement.times)
         calls = measurement.number_per_run
-        sw = Stopwatch(device)
-        for _ in range(len(measurement.times)):
-            with sw.interval("block"):
-                for _ in range(calls):
-                    fn()
-        ours.extend(d / calls for d in sw.durations()["block"])
+        clock = Clock(device)
+
+        def block(calls: int = calls) -> None:
+            for _ in range(calls):
+                fn()
+
+        ours.extend(timed(clock, block) / calls for _ in range(len(measurement.times)))
     return float(np.median(ours) / np.median(theirs))
 
 
@@ -192,17 +170,17 @@ def _assert_agrees(fn: Callable[[], object], device: str, attempts: int = 3) -> 
         ratios.append(_agreement(fn, device, rounds=6))
         if abs(ratios[-1] - 1) <= 0.05:
             return
-    pytest.fail(f"Stopwatch / torch.utils.benchmark median ratios {ratios}, want 1 ± 0.05")
+    pytest.fail(f"Clock / torch.utils.benchmark median ratios {ratios}, want 1 ± 0.05")
 
 
-def test_stopwatch_agrees_with_torch_benchmark_cpu(one_thread: None) -> None:
+def test_clock_agrees_with_torch_benchmark_cpu(one_thread: None) -> None:
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(384, 384, generator=g), torch.randn(384, 384, generator=g)
     _assert_agrees(lambda: torch.mm(torch.mm(a, b), b), "cpu")  # ~2-3 ms on one thread
 
 
 @needs_cuda
-def test_stopwatch_agrees_with_torch_benchmark_cuda() -> None:
+def test_clock_agrees_with_torch_benchmark_cuda() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(4096, 4096, device="cuda", generator=g)
     b = torch.randn(4096, 4096, device="cuda", generator=g)
@@ -210,27 +188,18 @@ def test_stopwatch_agrees_with_torch_benchmark_cuda() -> None:
 
 
 @needs_cuda
-def test_stopwatch_cuda_known_duration_many_intervals_one_sync() -> None:
-    sw = Stopwatch("cuda")
-    for _ in range(3):
-        with sw.interval("sleep"):
-            time.sleep(SLEEP_S)
-    seconds = sw.durations()["sleep"]
-    assert len(seconds) == 3
-    assert all(SLEEP_S * 0.99 <= s < SLEEP_S + SLACK_S for s in seconds)
+def test_clock_cuda_known_duration() -> None:
+    assert SLEEP_S * 0.99 <= timed(Clock("cuda"), lambda: time.sleep(SLEEP_S)) < SLEEP_S + SLACK_S
 
 
-# --- RequestTiming, throughput ---------------------------------------------------------
+# --- RequestTiming ---------------------------------------------------------
 
 
 def test_request_timing_from_token_times() -> None:
-    t = RequestTiming.from_token_times(
-        prefill=0.5, token_times=[0.1, 0.2, 0.3], end_to_end=1.2, vision_encode=0.2
-    )
+    t = RequestTiming.from_token_times(prefill=0.5, token_times=[0.1, 0.2, 0.3], end_to_end=1.2)
     assert t.decode == pytest.approx(0.6)
     assert t.decode_tokens == 3 and t.new_tokens == 4
     assert t.time_per_output_token == pytest.approx(0.2)
-    assert t.projector is None
     assert RequestTiming(prefill=0.1, end_to_end=0.1).time_per_output_token is None
 
 
@@ -243,34 +212,18 @@ def test_request_timing_rejects_inconsistent_decode() -> None:
         RequestTiming(prefill=0.1, end_to_end=1, decode_tokens=-1)
 
 
-def test_throughput_known_answer() -> None:
-    timings = [
-        RequestTiming(prefill=0.1, end_to_end=1.0, decode=0.9, decode_tokens=3),
-        RequestTiming(prefill=0.1, end_to_end=1.0, decode=0.9, decode_tokens=5),
-    ]
-    assert throughput(timings, wall_s=2.0) == pytest.approx((1.0, 5.0))  # 10 tokens / 2 s
-    with pytest.raises(ValueError):
-        throughput(timings, wall_s=0.0)
+# --- ModuleTimer -------------------------------------------------------
 
 
-# --- ModuleTimer, module_shares -------------------------------------------------------
-
-
-def test_module_timer_totals_counts_and_shares() -> None:
+def test_module_timer_totals_and_counts() -> None:
     model, x, forwards = Fake(), torch.zeros(1), 3
-    sw = Stopwatch("cpu")
     with ModuleTimer({"a": model.a, "b": model.b}, "cpu") as timer:
-        with sw.interval("total"):
-            for _ in range(forwards):
-                model(x)
+        for _ in range(forwards):
+            model(x)
     times = timer.collect()
-    total = sw.durations()["total"][0]
     assert times["a"].calls == forwards and times["b"].calls == 2 * forwards
     for name, expected in (("a", 0.02 * forwards), ("b", 0.02 * forwards)):
         assert expected <= times[name].seconds < expected + SLACK_S
-    shares = module_shares({k: v.seconds for k, v in times.items()}, total)
-    assert shares == pytest.approx({"a": 0.4, "b": 0.4, "other": 0.2}, abs=0.05)
-    assert sum(shares.values()) == pytest.approx(1.0)
     assert no_hooks(model.a, model.b)
 
 
@@ -321,37 +274,6 @@ def test_module_timer_rejects_nested_handles() -> None:
     assert no_hooks(model, model.a)
 
 
-def test_module_shares_known_answer() -> None:
-    assert module_shares({"a": 2.0, "b": 1.0}, 4.0) == pytest.approx(
-        {"a": 0.5, "b": 0.25, "other": 0.25}
-    )
-
-
-def test_module_shares_overrun_is_flagged_not_clipped() -> None:
-    with pytest.warns(ShareOverrunWarning):
-        shares = module_shares({"a": 3.0, "b": 2.0}, 4.0)
-    assert shares["other"] == pytest.approx(-0.25)
-    assert sum(shares.values()) == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize(
-    ("seconds", "total"), [({"a": 1.0}, 0.0), ({"a": -1.0}, 1.0), ({"other": 1.0}, 2.0)]
-)
-def test_module_shares_rejects_bad_input(seconds: dict[str, float], total: float) -> None:
-    with pytest.raises(ValueError):
-        module_shares(seconds, total)
-
-
-def test_measure_hook_overhead_structure() -> None:
-    model, x = Fake(), torch.zeros(1)
-    result = measure_hook_overhead(lambda: model(x), {"a": model.a, "b": model.b}, "cpu", repeats=3)
-    assert len(result["off_s"]) == len(result["on_s"]) == 3
-    assert result["off_median_s"] >= 0.05 and result["on_median_s"] >= 0.05
-    assert result["overhead_s"] == pytest.approx(result["on_median_s"] - result["off_median_s"])
-    assert abs(result["overhead_rel"]) < 0.5
-    assert no_hooks(model.a, model.b)
-
-
 @needs_cuda
 def test_module_timer_cuda_known_durations() -> None:
     model, x = Fake().cuda(), torch.zeros(1, device="cuda")
@@ -364,18 +286,6 @@ def test_module_timer_cuda_known_durations() -> None:
         assert 0.02 * 0.99 <= times["a"].seconds < 0.02 + SLACK_S
         assert 0.02 * 0.99 <= times["b"].seconds < 0.02 + SLACK_S
     assert no_hooks(model.a, model.b)
-
-
-def test_stopwatch_cuda_path_syncs_once_for_many_intervals(fake_cuda: FakeCuda) -> None:
-    sw = Stopwatch("cuda")
-    for _ in range(3):
-        with sw.interval("sleep"):
-            time.sleep(0.01)
-    assert fake_cuda.syncs == 0
-    seconds = sw.durations()["sleep"]
-    assert fake_cuda.syncs == 1 and len(seconds) == 3
-    assert all(0.01 <= s < 0.01 + SLACK_S for s in seconds)
-    assert sw.durations()["sleep"] == seconds and fake_cuda.syncs == 1  # nothing pending
 
 
 def test_module_timer_cuda_path_resolves_after_sync_and_reuses_events(
@@ -393,3 +303,59 @@ def test_module_timer_cuda_path_resolves_after_sync_and_reuses_events(
     assert fake_cuda.syncs == 2
     assert fake_cuda.created == 6  # 2 events x 3 calls, reused on the second pass
     assert no_hooks(model.a, model.b)
+
+
+# --- EventTracker: the harness times what transforms report ------------------------------
+
+
+class Waking(nn.Module):
+    """A stand-in transform's work: it opens a span around 10 ms and reports a value."""
+
+    def __init__(self, events: Events) -> None:
+        super().__init__()
+        self.events = events
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.events.span("wake_s", "vision_encoder"):
+            time.sleep(0.01)
+        self.events.value("kept", 0.5, "fraction", "total")
+        return x
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_event_tracker_times_spans_and_keeps_values(device: str, request) -> None:
+    if device == "cuda":
+        request.getfixturevalue("fake_cuda")
+    events = Events()
+    module = Waking(events)
+    module(torch.zeros(1))  # nobody listening: nothing recorded, nothing raised
+    tracker = EventTracker(device)
+    events.listener = tracker
+    for _ in range(2):
+        module(torch.zeros(1))
+    samples = tracker.samples("cfg", 3, 0.0, 1.0)
+    spans = [s for s in samples if s.metric == "wake_s"]
+    assert len(spans) == 2 and all(0.01 <= s.value < 0.01 + SLACK_S for s in spans)
+    assert {(s.module, s.unit, s.block, s.config) for s in spans} == {
+        ("vision_encoder", "s", 3, "cfg")
+    }
+    assert [s.value for s in samples if s.metric == "kept"] == [0.5, 0.5]
+    assert tracker.samples("cfg", 4, 0.0, 1.0) == []  # drained
+
+
+def test_event_tracker_cuda_path_syncs_once_per_drain(fake_cuda: FakeCuda) -> None:
+    events = Events()
+    events.listener = tracker = EventTracker("cuda")
+    for _ in range(3):
+        with events.span("wake_s"):
+            time.sleep(0.01)
+    assert fake_cuda.syncs == 0  # timing a span adds no synchronisation to serving
+    assert len(tracker.samples("cfg", 0, 0.0, 1.0)) == 3 and fake_cuda.syncs == 1
+
+
+def test_a_cloned_bundle_does_not_inherit_the_listener() -> None:
+    import copy
+
+    events = Events()
+    events.listener = EventTracker("cpu")
+    assert copy.deepcopy(events).listener is None

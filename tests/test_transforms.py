@@ -10,19 +10,20 @@ import pytest
 import torch
 
 from bench.configuration import TransformSpec
-from bench.measure.workload import generate
+from bench.measure.trackers.events import EventTracker
 from core.errors import CompoundError
 from models.bundle import ModelBundle
 from models.checkpoint import build_bundle, load_model_dir, save_checkpoint
 from models.dataset import make_examples
-from models.prompting import Request, model_inputs
-from optimizations.base import unmet_requirement
+from models.generation import generate, model_inputs
+from models.prompting import Request
+from optimizations.lossless import check_lossless
 from optimizations.registry import (
     apply_transforms,
-    check_lossless,
     get_transform,
     list_transforms,
 )
+from optimizations.requirements import unmet_requirement
 from optimizations.token_pruning import last_token_attention
 from tests.fakes import install_fakes
 
@@ -65,6 +66,11 @@ def text_request(bundle: ModelBundle) -> Request:
 @torch.inference_mode()
 def prefill_logits(bundle: ModelBundle, request: Request) -> torch.Tensor:
     return bundle.model(**model_inputs(bundle, [request])).logits
+
+
+def apply_one(bundle: ModelBundle, name: str, params: dict | None = None) -> ModelBundle:
+    """A transformed clone of `bundle` with one transform applied."""
+    return apply_transforms(bundle, (TransformSpec(name, params or {}),))
 
 
 @pytest.fixture()
@@ -153,7 +159,7 @@ def test_targets_must_match_a_handle(tiny, test_transforms):
 
 def test_pruning_layer_must_exist(tiny):
     with pytest.raises(CompoundError, match=r"'layer' must be < the number of decoder layers"):
-        get_transform("token_pruning", {"layer": 2}).apply(tiny)  # tiny has 2 layers
+        apply_one(tiny, "token_pruning", {"layer": 2})  # tiny has 2 layers
 
 
 def test_targets_resolve_to_handles(tiny):
@@ -245,8 +251,10 @@ def _assert_asleep(bundle: ModelBundle) -> None:
 
 
 def _assert_sleep_cycle(baseline: ModelBundle, slept: ModelBundle) -> dict:
-    """Image request wakes once, text request does not, outputs equal the baseline's."""
+    """Image request wakes once, text request does not, outputs equal the baseline's; each wake
+    is a span the harness's event tracker times."""
     record = slept.metadata["sleep"]
+    slept.events.listener = tracker = EventTracker(slept.device)
     image, text = image_request(baseline), text_request(baseline)
     _assert_asleep(slept)
     assert record["wakes"] == 0
@@ -257,13 +265,14 @@ def _assert_sleep_cycle(baseline: ModelBundle, slept: ModelBundle) -> dict:
     assert record["wakes"] == 1  # text-only never touches the vision tower or projector
     assert torch.equal(generate(slept, image, NEW_TOKENS), generate(baseline, image, NEW_TOKENS))
     assert record["wakes"] == 2
-    assert len(record["wake_seconds"]) == 2 and all(s > 0 for s in record["wake_seconds"])
+    wakes = [s for s in tracker.samples("sleep", 0, 0.0, 0.0) if s.metric == "sleep_wake_s"]
+    assert len(wakes) == 2 and all(s.value > 0 and s.module == "vision_encoder" for s in wakes)
     assert record["asleep"] == ["projector", "vision_encoder"]
     return record
 
 
 def test_sleep_without_checkpoint_keeps_a_host_copy(tiny):
-    slept = get_transform("vision_sleep").apply(tiny)
+    slept = apply_one(tiny, "vision_sleep")
     record = _assert_sleep_cycle(tiny, slept)
     assert record["mode"] == "cpu-copy"
     assert record["bytes_offloaded"] == _vision_bytes(tiny)
@@ -274,7 +283,7 @@ def test_sleep_without_checkpoint_keeps_a_host_copy(tiny):
 def test_sleep_reloads_from_the_checkpoint(tmp_path):
     save_checkpoint(build_bundle("tiny", seed=0), tmp_path / "tiny", {})
     loaded = load_model_dir(tmp_path / "tiny")
-    slept = get_transform("vision_sleep").apply(loaded)
+    slept = apply_one(loaded, "vision_sleep")
     record = _assert_sleep_cycle(loaded, slept)
     assert record["mode"] == "checkpoint"
     assert record["bytes_freed"] == _vision_bytes(loaded) > 0
@@ -286,14 +295,14 @@ def test_sleep_refuses_a_checkpoint_that_differs_from_memory(tmp_path):
     loaded = load_model_dir(tmp_path / "tiny")
     with torch.no_grad():
         next(loaded.projector.parameters()).add_(1.0)
-    record = get_transform("vision_sleep").apply(loaded).metadata["sleep"]
+    record = apply_one(loaded, "vision_sleep").metadata["sleep"]
     assert record["mode"] == "cpu-copy" and "differs from the checkpoint" in record["note"]
     with pytest.raises(CompoundError, match="mode 'checkpoint' unusable: in-memory"):
-        get_transform("vision_sleep", {"mode": "checkpoint"}).apply(loaded)
+        apply_one(loaded, "vision_sleep", {"mode": "checkpoint"})
 
 
 def test_sleep_can_keep_the_projector_awake(tiny):
-    slept = get_transform("vision_sleep", {"keep_projector_awake": True}).apply(tiny)
+    slept = apply_one(tiny, "vision_sleep", {"keep_projector_awake": True})
     generate(slept, image_request(tiny), NEW_TOKENS)
     assert all(p.numel() == 0 for p in slept.vision_encoder.parameters())
     assert all(p.numel() > 0 for p in slept.projector.parameters())
@@ -302,7 +311,7 @@ def test_sleep_can_keep_the_projector_awake(tiny):
 
 def test_cuda_pinned_mode_needs_cuda(tiny):
     with pytest.raises(CompoundError, match="'cuda-pinned' needs the model on a CUDA device"):
-        get_transform("vision_sleep", {"mode": "cuda-pinned"}).apply(tiny)
+        apply_one(tiny, "vision_sleep", {"mode": "cuda-pinned"})
 
 
 @pytest.mark.gpu
@@ -310,7 +319,7 @@ def test_cuda_pinned_mode_needs_cuda(tiny):
 def test_sleep_on_gpu_frees_device_memory():
     baseline = build_bundle("tiny", seed=0, device="cuda")
     allocated = torch.cuda.memory_allocated()
-    slept = get_transform("vision_sleep").apply(baseline)
+    slept = apply_one(baseline, "vision_sleep")
     record = slept.metadata["sleep"]
     assert record["mode"] == "cuda-pinned" and record["bytes_freed"] == _vision_bytes(baseline)
     # the clone's language model is on the device, its vision weights are not
@@ -337,7 +346,7 @@ def _sequence_lengths(bundle: ModelBundle) -> list[list[int]]:
 
 @pytest.mark.parametrize(("layer", "keep_ratio"), [(1, 0.75), (1, 0.3), (0, 0.5)])
 def test_pruning_reduces_prefill_work_from_layer_k(tiny, layer, keep_ratio):
-    pruned = get_transform("token_pruning", {"layer": layer, "keep_ratio": keep_ratio}).apply(tiny)
+    pruned = apply_one(tiny, "token_pruning", {"layer": layer, "keep_ratio": keep_ratio})
     seen = _sequence_lengths(pruned)
     image = image_request(tiny)
     prompt = len(image.input_ids)
@@ -359,7 +368,7 @@ def test_pruning_reduces_prefill_work_from_layer_k(tiny, layer, keep_ratio):
 
 
 def test_pruning_leaves_text_requests_alone(tiny):
-    pruned = get_transform("token_pruning", {"layer": 1, "keep_ratio": 0.25}).apply(tiny)
+    pruned = apply_one(tiny, "token_pruning", {"layer": 1, "keep_ratio": 0.25})
     text = text_request(tiny)
     assert torch.equal(prefill_logits(pruned, text), prefill_logits(tiny, text))
     assert torch.equal(generate(pruned, text, NEW_TOKENS), generate(tiny, text, NEW_TOKENS))
@@ -370,7 +379,7 @@ def test_pruning_keeps_greedy_answers_close_to_the_baseline(tiny):
     """Bound for the untrained tiny model at keep_ratio 0.75 on 20 image requests: the first
     answer token agrees on at least 80% (measured 19/20) and all answer tokens on at least 60%
     (measured 79%). It is lossy: with a quarter of the image gone, some answers change."""
-    pruned = get_transform("token_pruning", {"layer": 1, "keep_ratio": 0.75}).apply(tiny)
+    pruned = apply_one(tiny, "token_pruning", {"layer": 1, "keep_ratio": 0.75})
     batch = requests(tiny, 20, 1.0)
     first = tokens = 0
     for request in batch:
@@ -385,19 +394,19 @@ def test_pruning_keeps_greedy_answers_close_to_the_baseline(tiny):
 
 
 def test_pruning_refuses_fixed_size_caches(tiny):
-    pruned = get_transform("token_pruning", {"layer": 1}).apply(tiny)
+    pruned = apply_one(tiny, "token_pruning", {"layer": 1})
     with pytest.raises(CompoundError, match="needs a DynamicCache, got object"):
         pruned.model(**model_inputs(pruned, [image_request(tiny)]), past_key_values=object())
 
 
 def test_pruning_with_all_tokens_kept_is_exact(tiny, mixed):
-    pruned = get_transform("token_pruning", {"layer": 1, "keep_ratio": 1.0}).apply(tiny)
+    pruned = apply_one(tiny, "token_pruning", {"layer": 1, "keep_ratio": 1.0})
     assert check_lossless(tiny, pruned, mixed, NEW_TOKENS).ok
 
 
 @pytest.mark.parametrize(("threshold", "kept"), [(0.0, TINY_IMAGE_TOKENS), (1.0, 1)])
 def test_pruning_threshold(tiny, threshold, kept):
-    pruned = get_transform("token_pruning", {"layer": 1, "threshold": threshold}).apply(tiny)
+    pruned = apply_one(tiny, "token_pruning", {"layer": 1, "threshold": threshold})
     generate(pruned, image_request(tiny), NEW_TOKENS)
     assert pruned.metadata["pruning"]["requests"][0]["kept"] == kept
 
@@ -446,7 +455,7 @@ def test_pruned_generation_equals_masked_reference(tiny, attention):
     """Prefill and every cached decode step, with the attention mask absent (sdpa) or present
     and sliced by the hooks (eager)."""
     layer, keep_ratio, new_tokens = 1, 0.5, 5
-    pruned = get_transform("token_pruning", {"layer": layer, "keep_ratio": keep_ratio}).apply(tiny)
+    pruned = apply_one(tiny, "token_pruning", {"layer": layer, "keep_ratio": keep_ratio})
     pruned.model.set_attn_implementation(attention)
     request = image_request(tiny)
     tokenizer = tiny.prompts.tokenizer
@@ -476,7 +485,7 @@ def test_pruned_generation_equals_masked_reference(tiny, attention):
 
 def test_pruning_a_batch_equals_pruning_each_request(tiny):
     """Rows keep different tokens; the gathers and the eager masks must stay per row."""
-    pruned = get_transform("token_pruning", {"layer": 1, "keep_ratio": 0.5}).apply(tiny)
+    pruned = apply_one(tiny, "token_pruning", {"layer": 1, "keep_ratio": 0.5})
     pruned.model.set_attn_implementation("eager")
     batch = [r for r in requests(tiny, 20, 1.0) if len(r.input_ids) == 24][:2]
     assert len(batch) == 2

@@ -1,4 +1,4 @@
-"""Known-answer tests for bench.judge.verdict: planted multiplicative, super- and sub-multiplicative."""
+"""Known-answer tests for the verdict: planted multiplicative, super- and sub-multiplicative."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from bench.judge.verdict import (
     SUPER_MULTIPLICATIVE,
     WORSE_THAN_ADDITIVE,
     accuracy_verdict,
-    eq42,
     metric_verdict,
 )
 
@@ -32,11 +31,6 @@ def blocks(stack_saving: float, n: int = 30, sd: float = 0.01, seed: int = 0, si
 
 def verdict(data, **kw):
     return metric_verdict("latency_ms", "ms", data, "base", list(SINGLES), "stack", **kw)
-
-
-def test_eq42_worked_example():
-    assert float(eq42([0.10, 0.15])) == pytest.approx(0.235)
-    assert float(eq42([0.01] * 3)) == pytest.approx(1 - 0.99**3)
 
 
 def test_exactly_multiplicative_compounds():

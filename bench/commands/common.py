@@ -1,4 +1,4 @@
-"""Options and helpers shared by several subcommands."""
+"""Options and parsers shared by several subcommands."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bench.configuration import TransformSpec
 from core.errors import CompoundError
+from core.jsonio import json_text
+from models.bundle import ModelBundle
 from models.checkpoint import CACHE_ENV_VAR, cache_dir, load_model_dir, load_trained
 from models.presets import DEFAULT_PRESET, PRESETS
+from optimizations.registry import get_transform
 
 
 def add_cache_arg(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def add_cache_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--preset or --model (and --trained for a --model directory), plus --cache-dir."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "--preset",
@@ -41,6 +43,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="a local LLaVA-family checkpoint directory instead of a preset",
     )
+    parser.add_argument(
+        "--trained",
+        action="store_true",
+        help="the --model directory holds trained weights, so accuracy is scored (a directory "
+        "from elsewhere counts as untrained unless you say so)",
+    )
     add_cache_arg(parser)
 
 
@@ -48,27 +56,13 @@ def add_json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
-def load_trained_bundle(args: argparse.Namespace):
+def load_trained_bundle(args: argparse.Namespace) -> ModelBundle:
     """The bundle named by --model or --preset: a checkpoint, or an already trained preset."""
     if args.model is not None:
-        return load_model_dir(args.model)
+        return load_model_dir(args.model, trained=args.trained)
+    if args.trained:
+        raise CompoundError("--trained describes a --model directory; presets know themselves")
     return load_trained(args.preset or DEFAULT_PRESET, cache_dir(args.cache_dir))
-
-
-def _strict(value: Any) -> Any:
-    """NaN and infinity become null, so the output is strict JSON for any parser."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
-    return value
-
-
-def json_text(data: Any) -> str:
-    """Strict JSON (NaN and infinity as null), indented, with a final newline."""
-    return json.dumps(_strict(data), indent=2, default=str, allow_nan=False) + "\n"
 
 
 def print_json(data: Any) -> None:
@@ -85,9 +79,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def parse_fraction(text: str) -> float:
+    """'0.10' or '10%' → 0.1; ValueError for anything that is not a finite number."""
+    raw = text.strip()
+    value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
+
+
 def fraction(text: str) -> float:
+    """argparse type: a fraction in [0, 1], written 0.5 or 50%."""
     try:
-        value = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+        value = parse_fraction(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a fraction like 0.5 or 50%, got {text!r}"
@@ -95,20 +99,6 @@ def fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
     return value
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise CompoundError(message)
-
-
-def resolve_device(choice: str) -> str:
-    """`auto` means CUDA when available; asking for CUDA without it is a user error."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise CompoundError("--device cuda asked for, but CUDA is not available on this machine")
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
 
 
 def _param_value(text: str) -> Any:
@@ -120,9 +110,12 @@ def _param_value(text: str) -> Any:
 
 
 def parse_transforms(names: str, assignments: list[str] | None) -> tuple[TransformSpec, ...]:
-    """`a,b` plus `--param a.key=value` flags → validated TransformSpecs, in the order given."""
-    from optimizations.registry import get_transform
-
+    """`a,b` plus `--param a.key=value` flags → validated TransformSpecs, in the order given;
+    `none` (or nothing) is no transforms."""
+    if names.strip().lower() in ("", "none"):
+        if assignments:
+            raise CompoundError("--param given, but --transforms is none")
+        return ()
     ordered = [n.strip() for n in names.split(",") if n.strip()]
     params: dict[str, dict[str, Any]] = {name: {} for name in ordered}
     for assignment in assignments or []:

@@ -31,11 +31,10 @@ Numbers are fractions (0.10) or percentages (10%); write a negative one as `--de
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from dataclasses import asdict
 from typing import Any
 
+from bench.commands.common import parse_fraction, print_json
 from bench.judge.formulas import (
     PAPER_EXAMPLES,
     READINGS,
@@ -45,6 +44,7 @@ from bench.judge.formulas import (
     modules_needed,
 )
 from core.errors import CompoundError
+from core.units import pct
 
 DEFAULT_TARGETS: tuple[tuple[float, str], ...] = (
     (0.50, "efficiency gain, the paper's claim"),
@@ -103,24 +103,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # --- parsing ----------------------------------------------------------------------------------
 
 
-def parse_fraction(text: str, option: str) -> float:
-    """'0.10' or '10%' → 0.1; anything else is a one-line user error."""
-    raw = text.strip()
+def number(text: str, option: str) -> float:
+    """'0.10' or '10%' → 0.1; anything else is a one-line user error naming the option."""
     try:
-        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+        return parse_fraction(text)
     except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
         raise CompoundError(
             f"bad number {text!r} for {option}: "
             "expected a fraction like 0.10 or a percentage like 10%"
-        )
-    return value
+        ) from None
 
 
 def _modules(args: argparse.Namespace) -> list[ModuleSaving]:
     """Inputs in command-line order, so weights can pair with them one to one."""
-    weights = [parse_fraction(w, "--weight") for w in args.weight]
+    weights = [number(w, "--weight") for w in args.weight]
     if weights and len(weights) != len(args.inputs):
         raise CompoundError(
             f"got {len(weights)} --weight for {len(args.inputs)} inputs (--delta/--declared); "
@@ -129,12 +125,12 @@ def _modules(args: argparse.Namespace) -> list[ModuleSaving]:
     modules = []
     for index, (source, text) in enumerate(args.inputs):
         if source == "declared":
-            name, sep, number = text.partition("=")
+            name, sep, value = text.partition("=")
             if not (sep and name.strip()):
                 raise CompoundError(f"bad --declared {text!r}: expected NAME=X, e.g. hbm=1%")
-            name, delta = name.strip(), parse_fraction(number, f"--declared {name.strip()}")
+            name, delta = name.strip(), number(value, f"--declared {name.strip()}")
         else:
-            name, delta = f"d{index + 1}", parse_fraction(text, "--delta")
+            name, delta = f"d{index + 1}", number(text, "--delta")
         weight = weights[index] if weights else None
         modules.append(ModuleSaving(name=name, delta=delta, weight=weight, source=source))
     return modules
@@ -145,7 +141,7 @@ def _targets(args: argparse.Namespace) -> list[tuple[float, str | None]]:
         raise CompoundError("--target needs --per-module S (the saving of each module)")
     if not args.target:
         return list(DEFAULT_TARGETS)
-    return [(parse_fraction(text, "--target"), None) for text in args.target]
+    return [(number(text, "--target"), None) for text in args.target]
 
 
 # --- building the report ----------------------------------------------------------------------
@@ -191,7 +187,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     result = compound_modules(modules) if modules else None
     needed = None
     if args.per_module is not None:
-        needed = _needed(parse_fraction(args.per_module, "--per-module"), targets)
+        needed = _needed(number(args.per_module, "--per-module"), targets)
     return {
         "inputs": [asdict(m) for m in modules],
         "declared_inputs": [m.name for m in modules if m.source == "declared"],
@@ -204,16 +200,15 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
 # --- text output ------------------------------------------------------------------------------
 
 
-def pct(value: float, decimals: int = 4, signed: bool = False) -> str:
-    """0.235 → '23.5%': up to `decimals` places of a percent, trailing zeros dropped."""
-    text = f"{value * 100:{'+' if signed else ''}.{decimals}f}".rstrip("0").rstrip(".")
-    return f"{text}%"
+def _percent(value: float, places: int = 4, signed: bool = False) -> str:
+    """0.235 → '23.5%': a number the user typed, to its own precision (trailing zeros dropped)."""
+    return pct(value, places, signed=signed, trim=True)
 
 
 def _total_line(equation: str, kind: str, fields: dict[str, Any]) -> str:
     """One prominent result line; says when the total is a regression or rests on declared input."""
     total = fields["delta_total"]
-    line = f"eq {equation}  {kind:<11}  Δ_total = {pct(total)}"
+    line = f"eq {equation}  {kind:<11}  Δ_total = {_percent(total)}"
     if total < 0:
         line += "  (a regression)"
     if fields["declared_inputs"]:
@@ -224,7 +219,7 @@ def _total_line(equation: str, kind: str, fields: dict[str, Any]) -> str:
 def _compound_lines(report: dict[str, Any]) -> list[str]:
     lines = ["inputs"]
     lines += [
-        f"  {m['name']:<12} {pct(m['delta']):>10}"
+        f"  {m['name']:<12} {_percent(m['delta']):>10}"
         + (f"  weight {m['weight']:g}" if m["weight"] is not None else "")
         + f"  {m['source']}"
         for m in report["inputs"]
@@ -236,14 +231,14 @@ def _compound_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _needed_lines(needed: dict[str, Any]) -> list[str]:
-    lines = [f"modules needed, each independently saving {pct(needed['per_module_saving'])}:"]
+    lines = [f"modules needed, each independently saving {_percent(needed['per_module_saving'])}:"]
     for row in needed["targets"]:
         label = f" ({row['label']})" if row["label"] else ""
         counts = "  ".join(
             f"{reading} {row[reading] if row[reading] is not None else 'unreachable'}"
             for reading in READINGS
         )
-        lines.append(f"  target {pct(row['target'])}{label}:  {counts}")
+        lines.append(f"  target {_percent(row['target'])}{label}:  {counts}")
     lines.append("readings (s = per-module saving, n = modules):")
     lines += [f"  {reading:<16} {meaning}" for reading, meaning in needed["readings"].items()]
     return lines
@@ -253,8 +248,8 @@ def _paper_lines(examples: list[dict[str, Any]]) -> list[str]:
     lines = ["paper's worked examples (printed by the paper vs computed here):"]
     for example in examples:
         decimals = len(example["paper_text"].rstrip("%").partition(".")[2])
-        ours = pct(example["computed"], decimals, signed=example["paper_text"][0] in "+-")
-        full = pct(example["computed"])
+        ours = _percent(example["computed"], decimals, signed=example["paper_text"][0] in "+-")
+        full = _percent(example["computed"])
         if full.lstrip("+") != ours.lstrip("+"):
             ours = f"{ours} ({full})"
         verdict = "agrees" if example["agrees"] else "DIFFERS"
@@ -279,5 +274,8 @@ def render_text(report: dict[str, Any]) -> str:
 
 def handle(args: argparse.Namespace) -> int:
     report = build_report(args)
-    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render_text(report))
+    if args.json:
+        print_json(report)
+    else:
+        print(render_text(report))
     return 0

@@ -1,10 +1,13 @@
-"""From raw samples to tables: summaries, per-module shares, and paired comparisons.
+"""From raw samples to tables: summaries, paired comparisons and the flags a reader must see.
 
 Everything here reads only the store's tidy frame, so any report can be recomputed from
 samples.jsonl alone.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +33,18 @@ COMPARED: dict[str, str] = {
     "peak_allocated_bytes": "peak memory (GPU)",
     "cost_usd_per_1k": "cost",
 }
+
+
+@dataclass
+class RunTables:
+    """Everything a run's reports show, recomputed from its stored records."""
+
+    summary: pd.DataFrame
+    shares: pd.DataFrame
+    comparisons: pd.DataFrame
+    flags: list[str]
+    failures: pd.DataFrame
+    verdict: dict[str, Any]
 
 
 def timed(samples: pd.DataFrame) -> pd.DataFrame:
@@ -111,33 +126,13 @@ def summary_table(samples: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def module_shares(samples: pd.DataFrame) -> pd.DataFrame:
-    """Each module's measured share w_i of the hooked pass, per configuration (mean over rounds).
-
-    The residue ("other": embeddings, norms, sampling, Python) makes the shares sum to 1.
-    """
-    rows = timed(samples)
-    module_rows = rows[rows["metric"] == "module_time_s"]
-    totals = rows[rows["metric"] == "hooked_block_seconds"][["config", "block", "value"]]
-    if module_rows.empty or totals.empty:
-        return pd.DataFrame(columns=["config", "module", "share", "share_sd", "rounds"])
-    merged = module_rows.merge(totals, on=["config", "block"], suffixes=("", "_total"))
-    merged["share"] = merged["value"] / merged["value_total"]
-    per_block = merged.pivot_table(index=["config", "block"], columns="module", values="share")
-    per_block["other"] = 1.0 - per_block.sum(axis=1)
-    long = per_block.reset_index().melt(
-        id_vars=["config", "block"], var_name="module", value_name="share"
-    )
-    return (
-        long.groupby(["config", "module"])["share"]
-        .agg(share="mean", share_sd="std", rounds="count")
-        .reset_index()
-    )
-
-
 def paired_saving(table: pd.DataFrame, base: str, opt: str, seed: int = 0) -> DeltaEstimate | None:
     """Δ of `opt` against `base` (columns of a `block_values` table) over the rounds both have;
-    None when fewer than two such rounds exist or a value is not positive."""
+    None when fewer than two such rounds exist or a value is not positive.
+
+    The one estimator of one configuration against another: comparisons.csv, the verdict's
+    measured stack, leave-one-out and the A/A control all come from it (`stats.paired_delta`).
+    """
     if base not in table or opt not in table:
         return None
     pair = table[[base, opt]].dropna()

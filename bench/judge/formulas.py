@@ -9,9 +9,10 @@ Conventions, shared by every function here:
 - Anything wrong with the inputs raises `CompoundError` with a one-line message, so the CLI
   can print it and exit 2.
 
-Return types: the scalar formulas return floats; `compound_modules` returns a `CompoundResult`
-that names its declared and estimated inputs; `pairwise_interactions` returns a pandas
-DataFrame (one row per measured pair); `residual` returns a `Residual` dataclass.
+Return types: the scalar formulas return floats; `independent_saving` is the unchecked,
+vectorised eq 4.2 that the verdict evaluates on bootstrap resamples (and the checked
+`compound_independent` calls); `compound_modules` returns a `CompoundResult` that names its
+declared and estimated inputs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
+from numpy.typing import ArrayLike
 
 from core.errors import CompoundError
 
@@ -81,38 +82,24 @@ def _check_weights(weights: Sequence[float], what: str) -> np.ndarray:
     return array
 
 
-def _remaining(deltas: np.ndarray) -> float:
-    """Π(1 − Δ), summed in log space with an exactly rounded sum so order never matters."""
-    if deltas.size == 0:
-        return 1.0
-    if np.any(deltas == 1.0):
-        return 0.0
-    return math.exp(math.fsum(np.log1p(-deltas)))
+def independent_saving(deltas: ArrayLike) -> np.ndarray:
+    """Eq 4.2 over axis 0, unchecked: 1 − Π(1 − Δ_i), for arrays of bootstrap resamples too.
 
-
-def _saved(deltas: np.ndarray) -> float:
-    """1 − Π(1 − Δ), accurate for the tiny Δ the paper is about (expm1 avoids cancellation)."""
-    if deltas.size and np.any(deltas == 1.0):
-        return 1.0
-    return -math.expm1(math.fsum(np.log1p(-deltas)))
+    Summed in log space (accurate for the tiny Δ the paper is about, via log1p/expm1) in sorted
+    order, so the result does not depend on the order of the inputs; a Δ of 1 (a module
+    switched off) gives exactly 1.
+    """
+    with np.errstate(divide="ignore"):  # log1p(-1) = -inf is the switched-off module
+        logs = np.sort(np.log1p(-np.asarray(deltas, dtype=float)), axis=0)
+    return -np.expm1(np.sum(logs, axis=0)) + 0.0
 
 
 # --- the formulas -----------------------------------------------------------------------------
 
 
-def relative_saving(base: float, opt: float) -> float:
-    """Eq 4.1: Δ = (base − opt) / base; positive is a saving, negative a regression."""
-    base, opt = float(base), float(opt)
-    if not (math.isfinite(base) and base > 0):
-        raise CompoundError(f"baseline resource must be a finite number > 0, got {base!r}")
-    if not (math.isfinite(opt) and opt >= 0):
-        raise CompoundError(f"optimized resource must be a finite number >= 0, got {opt!r}")
-    return (base - opt) / base
-
-
 def compound_independent(deltas: Sequence[float]) -> float:
     """Eq 4.2: Δ_total = 1 − Π(1 − Δ_i) for system-wide, non-interacting savings."""
-    return _saved(_check_deltas(deltas, "delta", allow_full=False))
+    return float(independent_saving(_check_deltas(deltas, "delta", allow_full=False)))
 
 
 def compound_weighted(deltas: Sequence[float], weights: Sequence[float]) -> float:
@@ -139,7 +126,11 @@ def compound_hierarchical(
     names = list(shares)
     weights = _check_weights([shares[name] for name in names], "module shares")
     per_module = [
-        _saved(_check_deltas(local.get(name, ()), f"local delta of {name}", allow_full=True))
+        float(
+            independent_saving(
+                _check_deltas(local.get(name, ()), f"local delta of {name}", allow_full=True)
+            )
+        )
         for name in names
     ]
     return math.fsum(weights * np.array(per_module, dtype=float))
@@ -187,10 +178,6 @@ class CompoundResult:
     declared_inputs: tuple[str, ...] = ()
     estimated_inputs: tuple[str, ...] = ()
 
-    @property
-    def all_measured(self) -> bool:
-        return not (self.declared_inputs or self.estimated_inputs)
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -223,18 +210,6 @@ def compound_modules(modules: Sequence[ModuleSaving]) -> CompoundResult:
 # --- how many modules does a target take ------------------------------------------------------
 
 
-def reading_value(per_module_saving: float, n: int, reading: Reading) -> float:
-    """What n equal, independent modules of saving s give under one reading of "gain"."""
-    s = float(per_module_saving)
-    if reading == "resource-saving":
-        return -math.expm1(n * math.log1p(-s))
-    if reading == "speed-up":
-        return math.expm1(-n * math.log1p(-s))
-    if reading == "growth":
-        return math.expm1(n * math.log1p(s))
-    raise CompoundError(f"unknown reading {reading!r}; expected one of {tuple(READINGS)}")
-
-
 def modules_needed(per_module_saving: float, target: float, reading: Reading) -> int | None:
     """Smallest n of equal independent modules with saving s whose compound reaches `target`.
 
@@ -258,54 +233,6 @@ def modules_needed(per_module_saving: float, target: float, reading: Reading) ->
     else:
         exact = math.log1p(t) / math.log1p(s)
     return max(1, math.ceil(exact - _ROUND_OFF * max(1.0, exact)))
-
-
-# --- interactions -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Residual:
-    """Measured stacked Δ against the eq 4.2 prediction from its singles; > 0 is synergy."""
-
-    measured: float
-    predicted: float
-    residual: float
-
-
-def residual(measured_stack: float, singles: Sequence[float]) -> Residual:
-    """How far a measured stack departs from independent compounding of its single transforms."""
-    measured = _check_delta(measured_stack, "measured stacked delta", allow_full=False)
-    predicted = compound_independent(singles)
-    return Residual(measured=measured, predicted=predicted, residual=measured - predicted)
-
-
-INTERACTION_COLUMNS = ("a", "b", "delta_a", "delta_b", "delta_ab", "predicted", "interaction")
-
-
-def pairwise_interactions(measured: Mapping[frozenset[str], float]) -> pd.DataFrame:
-    """Per measured pair {a, b}: Δ_ab − (1 − (1 − Δ_a)(1 − Δ_b)), from a factorial design.
-
-    Keys are subsets of transform names (the empty set is the baseline, Δ = 0); values are
-    system-wide Δ. Returns one row per pair, sorted, with columns `INTERACTION_COLUMNS`;
-    a positive interaction means the pair saves more than independence predicts.
-    """
-    values = {
-        frozenset(k): _check_delta(v, f"delta of {sorted(k)}", allow_full=False)
-        for k, v in measured.items()
-    }
-    baseline = values.get(frozenset())
-    if baseline is not None and abs(baseline) > 1e-12:
-        raise CompoundError(f"the baseline (empty set) must have delta 0, got {baseline:g}")
-    rows = []
-    for key in sorted((k for k in values if len(k) == 2), key=sorted):
-        a, b = sorted(key)
-        missing = [name for name in (a, b) if frozenset({name}) not in values]
-        if missing:
-            raise CompoundError(f"pair {a}+{b} measured without single(s): {', '.join(missing)}")
-        delta_a, delta_b = values[frozenset({a})], values[frozenset({b})]
-        predicted = compound_independent([delta_a, delta_b])
-        rows.append((a, b, delta_a, delta_b, values[key], predicted, values[key] - predicted))
-    return pd.DataFrame(rows, columns=list(INTERACTION_COLUMNS))
 
 
 # --- the paper's worked examples --------------------------------------------------------------

@@ -25,6 +25,7 @@ import pandas as pd
 from bench.designs import AA_CONTROL, BASELINE, config_name
 from bench.judge.analysis import block_values, paired_saving, timed
 from bench.judge.formulas import compound_hierarchical
+from bench.judge.shares import module_seconds, shares_of
 from bench.judge.verdict import COMPOUNDS, accuracy_verdict, metric_verdict
 from core.errors import CompoundError
 
@@ -68,19 +69,6 @@ def _source(samples: pd.DataFrame, metric: str) -> str:
     return "/".join(sorted(set(timed(samples).query("metric == @metric")["source"]))) or "-"
 
 
-def module_seconds(samples: pd.DataFrame) -> pd.DataFrame:
-    """Mean seconds per hooked pass of each module (and "other", the rest), per configuration."""
-    rows = timed(samples)
-    modules = rows[rows["metric"] == "module_time_s"]
-    totals = rows[rows["metric"] == "hooked_block_seconds"]
-    if modules.empty or totals.empty:
-        return pd.DataFrame()
-    per_block = modules.pivot_table(index=["config", "block"], columns="module", values="value")
-    total = totals.set_index(["config", "block"])["value"]
-    per_block["other"] = total.reindex(per_block.index) - per_block.sum(axis=1)
-    return per_block.groupby(level="config").mean()
-
-
 def hierarchical_prediction(
     seconds: pd.DataFrame, singles: Sequence[str], targets: dict[str, list[str]]
 ) -> float | None:
@@ -92,7 +80,7 @@ def hierarchical_prediction(
     if any(s not in seconds.index for s in singles):
         return None
     base = seconds.loc[BASELINE]
-    shares = (base / base.sum()).to_dict()
+    shares = shares_of(seconds).loc[BASELINE].to_dict()
     local: dict[str, list[float]] = {m: [] for m in shares}
     for single in singles:
         for module in targets.get(single, []):

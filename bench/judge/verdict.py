@@ -1,8 +1,10 @@
 """Verdicts: does the measured stack save what the singles predict (eq 4.2), within the noise?
 
-Every interval comes from one joint bootstrap over rounds (the same resampled rounds for the
-baseline, each single and the stack), so the prediction's uncertainty and its correlation
-with the measurement are carried into the residual. The word is judged by the residual's
+The measured stack's saving and its interval come from `stats.paired_delta`, the one estimator
+of a configuration against the baseline that every table uses. The prediction and the residual
+come from one joint bootstrap over rounds (the same resampled rounds for the baseline, each
+single and the stack), so the prediction's uncertainty and its correlation with the
+measurement are carried into the residual. The word is judged by the residual's
 interval, never its point, and a note says when "compounds" only means "cannot tell".
 """
 
@@ -15,7 +17,15 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from bench.judge.stats import DEFAULT_RESAMPLES, DeltaEstimate, joint_bootstrap
+from bench.judge.formulas import independent_saving
+from bench.judge.stats import (
+    DEFAULT_RESAMPLES,
+    DeltaEstimate,
+    joint_bootstrap,
+    paired_delta,
+    saving_from_log_ratio,
+)
+from core.jsonio import json_safe
 
 COMPOUNDS = "compounds"
 SUB_MULTIPLICATIVE = "sub-multiplicative"
@@ -44,11 +54,6 @@ class Interval(NamedTuple):
         return bool(self.lo <= value <= self.hi)
 
 
-def eq42(deltas: ArrayLike) -> np.ndarray:
-    """Independent stacking, Δ_total = 1 − Π(1 − Δ_i), over axis 0 (kept local on purpose)."""
-    return 1 - np.prod(1 - np.asarray(deltas), axis=0)
-
-
 @dataclass(frozen=True)
 class VerdictRow:
     """One metric's verdict: measured stack vs the eq 4.2 prediction from the singles."""
@@ -64,7 +69,7 @@ class VerdictRow:
     n_rounds: int
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(
+        return json_safe(
             asdict(self) | _intervals(self, "measured", "predicted_independent", "residual")
         )
 
@@ -81,7 +86,7 @@ class AccuracyVerdict:
     n_examples: int
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(
+        return json_safe(
             asdict(self) | _intervals(self, "stacked_drop", "sum_single_drops", "difference")
         )
 
@@ -89,15 +94,6 @@ class AccuracyVerdict:
 def _intervals(row: Any, *fields: str) -> dict[str, dict[str, float]]:
     """asdict flattens NamedTuples to lists; JSON readers want named bounds."""
     return {f: getattr(row, f)._asdict() for f in fields}
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def _check_names(
@@ -124,7 +120,7 @@ def _judge(interval: Interval, inside: str, below: str, above: str) -> str:
 
 def _saving(c: Mapping[str, np.ndarray], baseline: str, name: str) -> np.ndarray:
     """Per-resample saving of `name` vs baseline: 1 − geometric mean of per-round ratios."""
-    return -np.expm1(np.mean(np.log(c[name] / c[baseline]), axis=-1))
+    return saving_from_log_ratio(np.mean(np.log(c[name] / c[baseline]), axis=-1))
 
 
 def metric_verdict(
@@ -141,8 +137,9 @@ def metric_verdict(
 ) -> VerdictRow:
     """Judge whether the stack's saving on one cost metric (lower is better) matches eq 4.2.
 
-    `block_values` maps configuration → block values indexed by round; rounds missing (NaN)
-    in any of baseline, singles or stack are dropped from all of them.
+    `block_values` maps configuration → block values indexed by round. The measured saving
+    uses the rounds the baseline and the stack both have (as every comparison does); the
+    prediction and the residual drop rounds missing (NaN) in any of baseline, singles or stack.
     """
     names = _check_names(block_values, baseline, singles, stack)
     data = {n: np.asarray(block_values[n], dtype=float) for n in names}
@@ -154,10 +151,10 @@ def metric_verdict(
         return _saving(c, baseline, stack)
 
     def predicted_stat(c: Mapping[str, np.ndarray]) -> np.ndarray:
-        return eq42([_saving(c, baseline, s) for s in singles])
+        return independent_saving([_saving(c, baseline, s) for s in singles])
 
     kw = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
-    measured = joint_bootstrap(data, measured_stat, **kw)
+    measured = paired_delta(data[baseline], data[stack], **kw)
     predicted = joint_bootstrap(data, predicted_stat, **kw)
     residual = joint_bootstrap(data, lambda c: measured_stat(c) - predicted_stat(c), **kw)
     m, p, r = Interval.of(measured), Interval.of(predicted), Interval.of(residual)
@@ -171,7 +168,7 @@ def metric_verdict(
         residual=r,
         word=word,
         note=_metric_note(m, p, r, word, predicted_hierarchical),
-        n_rounds=measured.n_pairs,
+        n_rounds=residual.n_pairs,
     )
 
 

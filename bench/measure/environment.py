@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from bench.measure.trackers.energy import nvml_handle
+from bench.measure.trackers.nvml import nvml_handle, nvml_text
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _PACKAGES = ("torch", "transformers", "numpy", "pandas")
@@ -33,10 +33,6 @@ def _safe(fn: Callable[[], T]) -> T | None:
         return fn()
     except Exception:  # environment probing: any failure just means "unknown"
         return None
-
-
-def _text(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def versions() -> dict[str, str | None]:
@@ -97,7 +93,7 @@ def _nvml_fields(handle: Any) -> dict[str, Any]:
 
     power_limit_mw = _safe(lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle))
     return {
-        "driver_version": _safe(lambda: _text(pynvml.nvmlSystemGetDriverVersion())),
+        "driver_version": _safe(lambda: nvml_text(pynvml.nvmlSystemGetDriverVersion())),
         "cuda_driver_version": _safe(pynvml.nvmlSystemGetCudaDriverVersion),
         "sm_clock_mhz": _safe(lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
         "mem_clock_mhz": _safe(

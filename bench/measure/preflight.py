@@ -20,12 +20,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.configuration import Configuration, TransformSpec
+from bench.configuration import Configuration, TransformSpec, WorkloadSpec
 from bench.designs import BASELINE, config_name
-from bench.measure.workload import WorkloadSpec, build_requests
+from bench.measure.workload import build_requests
 from models.bundle import ModelBundle
 from models.evaluate import EvalResult, evaluate
-from optimizations.registry import apply_transforms, check_lossless, get_transform
+from optimizations.lossless import check_lossless
+from optimizations.registry import apply_transforms, get_transform
 
 OK, REJECTED = "ok", "rejected"
 

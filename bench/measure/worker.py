@@ -3,7 +3,7 @@
 A separate process per configuration means a crash or out-of-memory loses only that
 configuration, and the process's peak RSS is that configuration's own peak.
 Messages over the pipe: parent sends ("block", index) or ("stop",); the worker answers
-("ready", samples), ("block", samples) or ("error", one-line message).
+("ready", samples), ("block", samples) or ("error", one-line message, traceback).
 """
 
 from __future__ import annotations
@@ -15,40 +15,20 @@ from typing import Any
 
 import torch
 
-from bench.configuration import Configuration, ModelSource, RunSpec
+from bench.configuration import Configuration, RunSpec
+from bench.measure.loading import apply_configuration, load_bundle
 from bench.measure.trackers.cost import carbon_sample, cost_sample
 from bench.measure.trackers.energy import select_energy_meter
-from bench.measure.trackers.latency import RequestTiming, set_threads, synchronize
+from bench.measure.trackers.events import EventTracker
+from bench.measure.trackers.latency import Clock, RequestTiming, set_threads, synchronize
 from bench.measure.trackers.memory import MemoryTracker
 from bench.measure.trackers.modules import ModuleTimer
-from bench.measure.workload import build_requests, generate, serve_timed
-from core.samples import Sample
-from models.bundle import ModelBundle
+from bench.measure.workload import build_requests, serve_timed
+from core.samples import Sample, Source
+from models.generation import generate
 from models.prompting import Request
 
 COLD = -1  # block index of one-off records taken before the timed rounds
-
-
-def load_bundle(source: ModelSource) -> ModelBundle:
-    from models.checkpoint import build_bundle, cache_dir, load_model_dir, load_trained
-    from models.presets import get_preset
-
-    dtype = getattr(torch, source.dtype)
-    if source.model_path:
-        return load_model_dir(source.model_path, device=source.device, dtype=dtype)
-    preset = get_preset(str(source.preset))
-    if preset.cost_only:
-        return build_bundle(preset.name, device=source.device, dtype=dtype, materialize=True)
-    return load_trained(preset.name, cache_dir(source.cache_dir), device=source.device, dtype=dtype)
-
-
-def apply_configuration(bundle: ModelBundle, configuration: Configuration) -> ModelBundle:
-    if not configuration.transforms:
-        return bundle
-    from optimizations.registry import apply_transforms
-
-    # In place: the worker never needs the baseline, and two copies would inflate its peak RSS.
-    return apply_transforms(bundle, configuration.transforms, copy=False)
 
 
 def _busy_wait(seconds: float) -> None:
@@ -68,11 +48,32 @@ class Worker:
         torch.manual_seed(spec.protocol.seed)
         self.bundle = apply_configuration(load_bundle(spec.source), configuration)
         self.device = self.bundle.device
+        self.clock = Clock(self.device)
+        self.events = EventTracker(self.device)
+        self.bundle.events.listener = self.events
         self.requests = build_requests(self.bundle, spec.workload)
         self.meter = select_energy_meter(self.device, spec.protocol.watts_per_core)
 
+    def sample(
+        self,
+        block: int,
+        metric: str,
+        value: float,
+        unit: str,
+        window: tuple[float, float],
+        *,
+        module: str = "total",
+        source: Source = "measured",
+        **extra: Any,
+    ) -> Sample:
+        """A sample of this configuration in `block`, over the wall-clock `window`."""
+        t_start, t_end = window
+        return Sample(
+            self.name, block, metric, value, unit, module, source, t_start, t_end, dict(extra)
+        )
+
     def serve(self, request: Request) -> RequestTiming:
-        timing = serve_timed(self.bundle, request, self.spec.workload.new_tokens)
+        timing = serve_timed(self.bundle, request, self.spec.workload.new_tokens, self.clock)
         if self.configuration.slowdown:
             extra = timing.end_to_end * self.configuration.slowdown
             _busy_wait(extra)
@@ -80,48 +81,37 @@ class Worker:
         return timing
 
     def warm_up(self) -> list[Sample]:
-        """The cold first call is its own figure; the warm-up calls after it are discarded."""
+        """The cold first call is its own figure; the warm-up calls after it are discarded.
+
+        The figures the transforms reported on being applied (bytes freed) and while warming
+        up (the first, cold wake) are stored with the cold call, before the timed rounds.
+        """
         t_start = time.time()
         cold = self.serve(self.requests[0])
-        samples = [
-            Sample(
-                self.name,
-                COLD,
-                "latency_cold_s",
-                cold.end_to_end,
-                "s",
-                t_start=t_start,
-                t_end=time.time(),
-                extra={"modality": self.requests[0].example.modality},
-            )
-        ]
         for i in range(self.spec.protocol.warmup_requests):
             self.serve(self.requests[i % len(self.requests)])
-        # What the transforms logged while applied and warming up (the first wake is cold).
-        return samples + self.transform_figures(COLD, t_start, time.time())
-
-    def transform_figures(self, block: int, t_start: float, t_end: float) -> list[Sample]:
-        """Drain what the transforms logged while serving (wake latency, tokens kept, ...)."""
-        log = self.bundle.metadata.get("figures", [])
+        window = (t_start, time.time())
+        modality = self.requests[0].example.modality
         samples = [
-            Sample(
-                self.name,
-                block,
-                figure["metric"],
-                float(figure["value"]),
-                figure["unit"],
-                module=figure.get("module", "total"),
-                source=figure.get("source", "measured"),
-                t_start=t_start,
-                t_end=t_end,
-            )
-            for figure in log
+            self.sample(COLD, "latency_cold_s", cold.end_to_end, "s", window, modality=modality)
         ]
-        log.clear()
-        return samples
+        for applied in self.bundle.metadata.get("transforms", []):
+            for figure in applied["figures"]:
+                samples.append(
+                    self.sample(
+                        COLD,
+                        figure["metric"],
+                        figure["value"],
+                        figure["unit"],
+                        window,
+                        module=figure["module"],
+                        source="derived",
+                        transform=applied["name"],
+                    )
+                )
+        return samples + self.events.samples(self.name, COLD, *window)
 
     def run_block(self, block: int) -> list[Sample]:
-        samples: list[Sample] = []
         memory = MemoryTracker(self.device, module=self.bundle.model)
         with self.meter.window() as energy, memory:
             t_start = time.time()
@@ -130,24 +120,8 @@ class Worker:
             synchronize(self.device)
             wall = time.perf_counter() - wall_start
             t_end = time.time()
-        for i, (request, timing) in enumerate(zip(self.requests, timings, strict=True)):
-            extra = {"request": i, "modality": request.example.modality}
-            per_request = {"latency_e2e_s": timing.end_to_end, "latency_prefill_s": timing.prefill}
-            if timing.time_per_output_token is not None:
-                per_request["latency_decode_per_token_s"] = timing.time_per_output_token
-            for metric, value in per_request.items():
-                samples.append(
-                    Sample(
-                        self.name,
-                        block,
-                        metric,
-                        value,
-                        "s",
-                        t_start=t_start,
-                        t_end=t_end,
-                        extra=extra,
-                    )
-                )
+        window = (t_start, t_end)
+        samples = self.request_samples(block, timings, window)
         n = len(timings)
         tokens = sum(t.new_tokens for t in timings)
         block_figures = {
@@ -158,16 +132,7 @@ class Worker:
         }
         for metric, (value, unit) in block_figures.items():
             samples.append(
-                Sample(
-                    self.name,
-                    block,
-                    metric,
-                    value,
-                    unit,
-                    t_start=t_start,
-                    t_end=t_end,
-                    extra={"requests": n, "tokens": tokens},
-                )
+                self.sample(block, metric, value, unit, window, requests=n, tokens=tokens)
             )
         energy_samples = energy.samples(self.name, block)
         for sample in energy_samples:
@@ -187,78 +152,59 @@ class Worker:
             )
         )
         samples += [carbon_sample(s, protocol.grid_g_per_kwh) for s in energy_samples]
-        samples += self.transform_figures(block, t_start, t_end)
+        samples += self.events.samples(self.name, block, t_start, t_end)
         if protocol.module_pass_every and block % protocol.module_pass_every == 0:
             samples += self.module_pass(block, wall)
-            self.bundle.metadata.get("figures", []).clear()  # the hooked pass is not timed
+        return samples
+
+    def request_samples(
+        self, block: int, timings: list[RequestTiming], window: tuple[float, float]
+    ) -> list[Sample]:
+        samples = []
+        for i, (request, timing) in enumerate(zip(self.requests, timings, strict=True)):
+            per_request = {"latency_e2e_s": timing.end_to_end, "latency_prefill_s": timing.prefill}
+            if timing.time_per_output_token is not None:
+                per_request["latency_decode_per_token_s"] = timing.time_per_output_token
+            for metric, value in per_request.items():
+                samples.append(
+                    self.sample(
+                        block,
+                        metric,
+                        value,
+                        "s",
+                        window,
+                        request=i,
+                        modality=request.example.modality,
+                    )
+                )
         return samples
 
     def module_pass(self, block: int, unhooked_seconds: float) -> list[Sample]:
-        """Serve the block again with hooks on, for per-module time and the hooks' own overhead."""
-        samples: list[Sample] = []
+        """Serve the block again with hooks on, for per-module time and the hooks' own overhead.
+
+        The transforms' events are not listened to here: this pass is not a timed block.
+        """
+        self.bundle.events.listener = None
         t_start = time.time()
-        totals: dict[str, float] = {}
-        calls: dict[str, int] = {}
         with ModuleTimer(self.bundle.handles(), self.device) as timer:
             wall_start = time.perf_counter()
-            for i, request in enumerate(self.requests):
+            for request in self.requests:
                 generate(self.bundle, request, self.spec.workload.new_tokens)
-                collected = timer.collect()
-                timer.reset()
-                for module, value in collected.items():
-                    totals[module] = totals.get(module, 0.0) + value.seconds
-                    calls[module] = calls.get(module, 0) + value.calls
-                if request.example.has_image:
-                    extra = {"request": i, "modality": "image"}
-                    for module, metric in (
-                        ("vision_encoder", "latency_vision_encode_s"),
-                        ("projector", "latency_projector_s"),
-                    ):
-                        samples.append(
-                            Sample(
-                                self.name,
-                                block,
-                                metric,
-                                collected[module].seconds,
-                                "s",
-                                module=module,
-                                t_start=t_start,
-                                extra=extra,
-                            )
-                        )
             synchronize(self.device)
             hooked = time.perf_counter() - wall_start
-        t_end = time.time()
-        for module, seconds in totals.items():
-            samples.append(
-                Sample(
-                    self.name,
-                    block,
-                    "module_time_s",
-                    seconds,
-                    "s",
-                    module=module,
-                    t_start=t_start,
-                    t_end=t_end,
-                    extra={"calls": calls[module]},
-                )
+            totals = timer.collect()
+        self.bundle.events.listener = self.events
+        window = (t_start, time.time())
+        samples = [
+            self.sample(
+                block, "module_time_s", value.seconds, "s", window, module=module, calls=value.calls
             )
+            for module, value in totals.items()
+        ]
+        samples.append(self.sample(block, "hooked_block_seconds", hooked, "s", window))
+        overhead = hooked / unhooked_seconds - 1.0
         samples.append(
-            Sample(
-                self.name, block, "hooked_block_seconds", hooked, "s", t_start=t_start, t_end=t_end
-            )
-        )
-        samples.append(
-            Sample(
-                self.name,
-                block,
-                "hook_overhead",
-                hooked / unhooked_seconds - 1.0,
-                "fraction",
-                source="derived",
-                t_start=t_start,
-                t_end=t_end,
-            )
+            self.sample(block, "hook_overhead", overhead, "fraction", window, source="derived")
         )
         return samples
 

@@ -11,14 +11,15 @@ from typing import Any
 
 import pandas as pd
 
-from bench.judge.analysis import COLD_MODALITY
+from bench.judge.analysis import COLD_MODALITY, RunTables
+from core.units import BYTES_PER_MIB, MS_PER_S, interval, pct
 
-# Figures the transforms log while serving: (metric, label, scale, format).
-TRANSFORM_FIGURES = (
-    ("sleep_wake_s", "vision-encoder wake latency, ms", 1e3, "{:.3f}"),
-    ("sleep_bytes_freed", "bytes freed while asleep, MiB", 2**-20, "{:.3f}"),
-    ("pruning_kept_fraction", "image tokens kept", 1.0, "{:.1%}"),
-)
+# How a transform's figure is shown, by its declared unit: (label suffix, scale, format).
+FIGURE_UNITS: dict[str, tuple[str, float, str]] = {
+    "s": (", ms", MS_PER_S, "{:.3f}"),
+    "bytes": (", MiB", 1 / BYTES_PER_MIB, "{:.3f}"),
+    "fraction": ("", 1.0, "{:.1%}"),
+}
 ESTIMATED_ENERGY = (
     "CPU energy is `estimated`: process CPU time × {watts} W per core (no RAPL or NVML "
     "counter was readable)."
@@ -35,21 +36,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def pct(value: float | None, places: int = 2, unit: str = "%") -> str:
-    """A signed percentage: 0.1234 → "+12.34%"; "-" when there is no value."""
-    return "-" if value is None or pd.isna(value) else f"{value * 100:+.{places}f}{unit}"
-
-
-def interval(
-    data: dict[str, float] | None, places: int = 2, unit: str = "%", separator: str = " "
-) -> str:
-    """A point and its CI: "+12.34% [+10.10%, +14.20%]"; "-" when there is none."""
-    if not data:
-        return "-"
-    bounds = f"[{pct(data['lo'], places, unit)}, {pct(data['hi'], places, unit)}]"
-    return f"{pct(data['point'], places, unit)}{separator}{bounds}"
 
 
 def verdict_rows(verdict: dict[str, Any]) -> list[list[str]]:
@@ -188,22 +174,23 @@ def _shares_section(shares: pd.DataFrame) -> list[str]:
     ]
 
 
-def _figures_section(summary: pd.DataFrame) -> list[str]:
+def _figures_section(summary: pd.DataFrame, declared: dict[str, dict[str, str]]) -> list[str]:
+    """What the transforms reported, labelled as each transform declared it (run.json)."""
     rows = []
-    for metric, label, scale, fmt in TRANSFORM_FIGURES:
-        found = summary[summary.metric == metric]
-        for r in found.itertuples():
+    for metric, figure in declared.items():
+        suffix, scale, fmt = FIGURE_UNITS.get(figure["unit"], (f", {figure['unit']}", 1.0, "{:g}"))
+        for r in summary[summary.metric == metric].itertuples():
             if pd.notna(r.median):
                 when = "warm-up" if r.modality == COLD_MODALITY else "timed blocks"
-                value = fmt.format(r.median * scale)
-                rows.append([r.config, label, when, value, r.source, r.n])
+                label = figure["label"] + suffix
+                rows.append([r.config, label, when, fmt.format(r.median * scale), r.source, r.n])
     if not rows:
         return []
     header = ("configuration", "figure", "when", "median", "source", "n")
     return ["## What the transforms report", "", markdown_table(header, rows)]
 
 
-def markdown_report(meta: dict[str, Any], tables: dict[str, Any], verdict: dict[str, Any]) -> str:
+def markdown_report(meta: dict[str, Any], tables: RunTables) -> str:
     model = meta.get("model") or {}
     environment = meta.get("environment") or {}
     trained = "trained" if model.get("trained") else "UNTRAINED (random weights, cost only)"
@@ -224,20 +211,21 @@ def markdown_report(meta: dict[str, Any], tables: dict[str, Any], verdict: dict[
     for name, reason in (meta.get("skipped_transforms") or {}).items():
         lines.append(f"- skipped transform {name}: {reason}")
     lines.append("")
+    verdict = tables.verdict
     lines += _verdict_section(verdict)
     for section in (
         _loo_section(verdict),
         _pairs_section(verdict),
-        _comparisons_section(tables["comparisons"]),
-        _shares_section(tables["shares"]),
-        _figures_section(tables["summary"]),
+        _comparisons_section(tables.comparisons),
+        _shares_section(tables.shares),
+        _figures_section(tables.summary, meta.get("transform_figures") or {}),
     ):
         if section:
             lines += ["", *section]
-    failures = tables["failures"].to_dict(orient="records")
+    failures = tables.failures.to_dict(orient="records")
     notes = [f"failed or rejected: {f['config']}: {f['error']}" for f in failures]
-    notes += [f"flag: {flag}" for flag in tables["flags"]]
-    if (tables["summary"].query("metric == 'energy_j'")["source"] == "estimated").any():
+    notes += [f"flag: {flag}" for flag in tables.flags]
+    if (tables.summary.query("metric == 'energy_j'")["source"] == "estimated").any():
         watts = meta["config"]["protocol"]["watts_per_core"]
         notes.append(ESTIMATED_ENERGY.format(watts=watts))
     if notes:

@@ -9,29 +9,17 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from bench.report.markdown import interval, pct
+from bench.judge.analysis import RunTables
+from core.units import BYTES_PER_MIB, MS_PER_S, interval, pct
 
-# (metric, modality, row label, scale, format) for the per-configuration table.
-HEADLINE: tuple[tuple[str, str, str, float, str], ...] = (
-    ("latency_e2e_s", "image", "e2e ms, image requests", 1e3, "{:.1f}"),
-    ("latency_e2e_s", "text", "e2e ms, text requests", 1e3, "{:.1f}"),
-    ("latency_prefill_s", "image", "TTFT ms, image", 1e3, "{:.1f}"),
-    ("latency_prefill_s", "text", "TTFT ms, text", 1e3, "{:.1f}"),
-    ("latency_decode_per_token_s", "text", "decode ms/token, text", 1e3, "{:.2f}"),
-    ("latency_vision_encode_s", "image", "vision encode ms", 1e3, "{:.2f}"),
-    ("latency_cold_s", "before timing", "cold first call ms", 1e3, "{:.0f}"),
-    ("latency_mean_s", "all", "mean ms/request (block)", 1e3, "{:.1f}"),
-    ("throughput_rps", "all", "requests/s", 1.0, "{:.1f}"),
-    ("throughput_tps", "all", "tokens/s", 1.0, "{:.0f}"),
+# The per-configuration table's columns: (metric, modality, label, scale, format).
+COLUMNS: tuple[tuple[str, str, str, float, str], ...] = (
+    ("latency_mean_s", "all", "mean ms/request (block)", MS_PER_S, "{:.1f}"),
+    ("latency_e2e_s", "image", "e2e ms, image requests", MS_PER_S, "{:.1f}"),
+    ("latency_e2e_s", "text", "e2e ms, text requests", MS_PER_S, "{:.1f}"),
     ("energy_j", "all", "energy J/block", 1.0, "{:.2f}"),
-    ("peak_rss_bytes", "all", "peak RSS MiB", 2**-20, "{:.0f}"),
-    ("peak_allocated_bytes", "all", "GPU peak allocated MiB", 2**-20, "{:.0f}"),
-    ("param_bytes", "all", "parameter MiB", 2**-20, "{:.2f}"),
-    ("cost_usd_per_1k", "all", "$ per 1k requests", 1.0, "{:.5f}"),
-    ("co2_g", "all", "gCO2 per block", 1.0, "{:.4f}"),
+    ("peak_rss_bytes", "all", "peak RSS MiB", 1 / BYTES_PER_MIB, "{:.0f}"),
 )
-# The columns the terminal's per-configuration table shows (report.md has everything).
-TERMINAL_METRICS = ("latency_mean_s", "latency_e2e_s", "energy_j", "peak_rss_bytes")
 SOURCE_MARK = {"measured": "", "estimated": " est", "derived": " der", "declared": " decl"}
 
 
@@ -53,15 +41,14 @@ def _cell(
 def configuration_table(summary: pd.DataFrame, accuracy: dict[str, dict[str, float]]) -> Table:
     """One row per configuration: the headline medians and its accuracy."""
     configs = list(dict.fromkeys(summary["config"]))
-    columns = [h for h in HEADLINE if h[0] in TERMINAL_METRICS]
     table = Table(title="per configuration: medians ±IQR/median (est = estimated)")
     table.add_column("configuration", overflow="fold")
-    for column in columns:
+    for column in COLUMNS:
         table.add_column(column[2], justify="right", overflow="fold")
     table.add_column("accuracy image/text", justify="right")
     for config in configs:
         cells = [
-            _cell(summary, config, m, mod, scale, fmt) or "-" for m, mod, _, scale, fmt in columns
+            _cell(summary, config, m, mod, scale, fmt) or "-" for m, mod, _, scale, fmt in COLUMNS
         ]
         acc = accuracy.get(config) or {}
         score = "/".join(f"{acc[k]:.1%}" for k in ("image", "text") if k in acc) or "-"
@@ -104,7 +91,7 @@ def _inline(data: dict[str, float]) -> str:
     return interval(data, places=1, unit="") + " %"
 
 
-def render_run(meta: dict[str, Any], tables: dict[str, Any]) -> Group:
+def render_run(meta: dict[str, Any], tables: RunTables) -> Group:
     model = meta.get("model") or {}
     parts: list[Any] = []
     trained = "trained" if model.get("trained") else "UNTRAINED (random weights, cost only)"
@@ -112,11 +99,11 @@ def render_run(meta: dict[str, Any], tables: dict[str, Any]) -> Group:
     header = f"run {meta['run_id']}: {model.get('preset')} ({params:,} params, {trained})"
     header += f"; {meta.get('rounds')} rounds on {meta['environment'].get('device')}"
     parts.append(Text(header, style="bold"))
-    verdict = tables["verdict"]
+    verdict = tables.verdict
     accuracy = (verdict.get("accuracy") or {}).get("accuracy") or {}
     if not accuracy and meta.get("accuracy"):
         accuracy = {"baseline": meta["accuracy"]}
-    parts.append(configuration_table(tables["summary"], accuracy))
+    parts.append(configuration_table(tables.summary, accuracy))
     if verdict["metrics"]:
         parts.append(verdict_table(verdict))
     for row in verdict["metrics"]:
@@ -135,8 +122,8 @@ def render_run(meta: dict[str, Any], tables: dict[str, Any]) -> Group:
         *(f"left out: {k}: {v}" for k, v in verdict["excluded"].items()),
     ]:
         parts.append(Text(line, style="yellow"))
-    noisy = [f for f in tables["flags"] if f.startswith("noisy")]
-    for flag in tables["flags"]:
+    noisy = [f for f in tables.flags if f.startswith("noisy")]
+    for flag in tables.flags:
         if not flag.startswith("noisy"):
             parts.append(Text(f"flag: {flag}", style="yellow"))
     if noisy:
@@ -146,6 +133,6 @@ def render_run(meta: dict[str, Any], tables: dict[str, Any]) -> Group:
                 style="yellow",
             )
         )
-    for failure in tables["failures"].to_dict(orient="records"):
+    for failure in tables.failures.to_dict(orient="records"):
         parts.append(Text(f"failed: {failure['config']}: {failure['error']}", style="red"))
     return Group(*parts)

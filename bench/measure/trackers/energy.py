@@ -17,7 +17,6 @@ them up.
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from abc import ABC, abstractmethod
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from bench.measure.trackers.nvml import nvml_handle
 from core.samples import Sample, Source
 
 # Watts drawn per CPU core kept busy, for the estimate used when RAPL is unreadable.
@@ -138,30 +138,6 @@ class EnergyMeter(ABC):
 
 
 # --- NVML --------------------------------------------------------------------------
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def nvml_handle(device_index: int) -> Any:
-    """The NVML handle of torch's CUDA device `device_index`.
-
-    NVML numbers every GPU in the machine, while torch numbers only those in
-    CUDA_VISIBLE_DEVICES, so the index is translated the same way torch does.
-    Raises pynvml.NVMLError (or ImportError) when NVML is unusable.
-    """
-    import pynvml
-
-    pynvml.nvmlInit()
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
-    visible = [v for v in visible if v]
-    if device_index < len(visible):
-        entry = visible[device_index]
-        if entry.isdigit():
-            return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
-        return pynvml.nvmlDeviceGetHandleByUUID(entry)
-    return pynvml.nvmlDeviceGetHandleByIndex(device_index)
 
 
 def gpu_state(handle: Any) -> dict[str, float]:

@@ -1,12 +1,13 @@
 """Memory: peak device memory, this process's GPU memory per NVML, host RSS, model bytes.
 
-The runner gives each configuration its own worker process, so the process's
-peak RSS (`ru_maxrss`, which cannot be reset) is that configuration's peak,
-model loading included. On CUDA the allocator's peak is reset on entering the
-window, so `peak_allocated_bytes` and `peak_reserved_bytes` cover the window
-only; NVML's per-process figure adds the CUDA context and anything outside
-torch's allocator. NVML's device-wide figure includes other processes and is
-never used.
+The runner gives each configuration its own worker process, so host memory is
+that configuration's own. Linux's per-process peak RSS (VmHWM) is reset on
+entering each window (`reset_peak_rss`), so `peak_rss_bytes` is the window's
+peak, not the process's lifetime peak (which would include loading). On CUDA the
+allocator's peak is reset on entering the window, so `peak_allocated_bytes` and
+`peak_reserved_bytes` cover the window only; NVML's per-process figure adds the
+CUDA context and anything outside torch's allocator. NVML's device-wide figure
+includes other processes and is never used.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import psutil
 import torch
 from torch import nn
 
-from bench.measure.trackers.energy import nvml_handle
+from bench.measure.trackers.nvml import nvml_handle
 from core.samples import Sample, Source
 
 

@@ -1,0 +1,80 @@
+"""What `compound calibrate` does: how small a change this machine resolves in a time budget.
+
+Runs the baseline against an identical copy of itself and against copies slowed by known
+amounts, interleaved like any suite, then judges the result (`bench.judge.mde`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.configuration import Configuration, ModelSource, Protocol, RunSpec, WorkloadSpec
+from bench.judge.mde import COPY, REFERENCE, calibration_report, planted_name
+from bench.measure.environment import collect_environment
+from bench.measure.runner import run_rounds
+from bench.store import RunStore, load_run
+from core.errors import CompoundError
+from models.presets import get_preset
+from models.teacher import ensure_trained
+
+DEFAULT_PLANTED = (0.01, 0.02, 0.05)
+
+
+def calibration_spec(
+    source: ModelSource, planted: tuple[float, ...], budget: float, requests: int, threads: int
+) -> RunSpec:
+    """A/A and planted copies of the baseline, timed until the budget is spent."""
+    if budget <= 0:
+        raise CompoundError("--budget must be positive")
+    if any(not 0 < p < 1 for p in planted):
+        raise CompoundError("--planted slowdowns must be fractions in (0, 1), e.g. 0.02")
+    copies = [Configuration(planted_name(p), slowdown=p) for p in planted]
+    return RunSpec(
+        source=source,
+        configurations=(Configuration(REFERENCE), Configuration(COPY), *copies),
+        workload=WorkloadSpec(requests_per_block=requests),
+        protocol=Protocol(
+            min_rounds=10**6,
+            min_seconds=0.0,
+            max_seconds=budget,
+            threads=threads,
+            module_pass_every=0,
+        ),
+    )
+
+
+def calibrate(
+    spec: RunSpec,
+    planted: tuple[float, ...],
+    results_dir: Path | None = None,
+    *,
+    show_progress: bool = True,
+    say: Callable[[str], None] = lambda _message: None,
+) -> dict[str, Any]:
+    """Run the calibration and judge it; the run is kept only when `results_dir` is given."""
+    source = spec.source
+    if source.preset and not get_preset(source.preset).cost_only:
+        ensure_trained(source.preset, Path(str(source.cache_dir)), show_progress=show_progress)
+    keep = results_dir is not None
+    directory = results_dir or Path(tempfile.mkdtemp(prefix="compound-calibrate-"))
+    try:
+        store = RunStore.create(
+            directory, spec.to_dict(), collect_environment(torch.device(source.device))
+        )
+        run_rounds(spec, store, progress=lambda m: say(f"calibrating: {m}"))
+        store.set_state("complete")
+        budget = float(spec.protocol.max_seconds or 0.0)
+        report = calibration_report(load_run(store.path).samples, planted, budget, source.device)
+        if keep:
+            store.update_meta("calibration", report)
+            report["run_id"] = store.run_id
+    finally:
+        if not keep:
+            shutil.rmtree(directory, ignore_errors=True)
+    return report

@@ -1,0 +1,237 @@
+"""The suite: what `compound run` does, as an API the command (or a script) calls.
+
+plan → start (or resume) → measure (checks, then interleaved rounds) → analyse.
+
+- `start` trains the teacher if the cache lacks it, leaves out transforms this machine cannot
+  run (saying why), and creates the run directory only once everything was checked.
+- `measure` checks and scores every configuration not yet checked, then runs the rounds; each
+  finished block is stored at once, so a killed run resumes with nothing lost or repeated.
+- `analyse` recomputes every table and the verdict from the stored records and writes them
+  beside them: summary.csv, module_shares.csv, comparisons.csv, verdict.json, report.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.configuration import ModelSource, Protocol, RunSpec, TransformSpec, WorkloadSpec
+from bench.designs import BASELINE, build_configurations
+from bench.judge import analysis
+from bench.judge.analysis import RunTables
+from bench.judge.shares import module_shares
+from bench.judge.suite_verdict import judge
+from bench.measure.environment import collect_environment
+from bench.measure.loading import load_bundle, resolve_device
+from bench.measure.preflight import REJECTED, run_preflight, unmet_requirements
+from bench.measure.runner import RunOutcome, run_rounds
+from bench.report.markdown import markdown_report
+from bench.store import RunStore, load_run
+from core.errors import CompoundError, RunInterrupted
+from core.jsonio import json_text
+from models.bundle import ModelBundle
+from models.checkpoint import cache_dir
+from models.presets import DEFAULT_PRESET, get_preset
+from models.teacher import ensure_trained
+from optimizations.registry import get_transform
+
+DEFAULT_TRANSFORMS = ("vision_sleep", "token_pruning", "fused_qkv")
+DEFAULT_DESIGNS = ("singles", "leave-one-out")
+
+Say = Callable[[str], None]
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def model_source(
+    preset: str | None,
+    model_path: Path | None,
+    cache: str | Path | None,
+    device: str,
+    *,
+    trained: bool = False,
+) -> ModelSource:
+    """Where a run's model comes from: a checkpoint directory, or a preset (checked by name)."""
+    if trained and model_path is None:
+        raise CompoundError("--trained describes a --model directory; presets know themselves")
+    common = {"cache_dir": str(cache_dir(cache)), "device": resolve_device(device)}
+    if model_path is not None:
+        path = str(Path(model_path).expanduser().resolve())
+        return ModelSource(model_path=path, trained=trained, **common)
+    return ModelSource(preset=get_preset(preset or DEFAULT_PRESET).name, **common)
+
+
+def plan(
+    source: ModelSource,
+    transforms: tuple[TransformSpec, ...],
+    designs: tuple[str, ...],
+    workload: WorkloadSpec,
+    protocol: Protocol,
+    *,
+    aa_control: bool = True,
+) -> RunSpec:
+    """The suite's configurations: the designs over the transforms, plus the A/A control."""
+    configurations = build_configurations(transforms, designs, aa_control)
+    return RunSpec(source, configurations, workload, protocol, transforms, designs, aa_control)
+
+
+@dataclass
+class Suite:
+    """A run being measured: its store, its (stored) plan, and the baseline for the checks."""
+
+    store: RunStore
+    spec: RunSpec
+    baseline: ModelBundle | None = None
+
+
+def drop_unrunnable(spec: RunSpec, bundle: ModelBundle) -> tuple[RunSpec, dict[str, str]]:
+    """Leave out transforms whose requirements this machine cannot meet, saying why."""
+    skipped = unmet_requirements(spec.transforms, bundle)
+    if not skipped:
+        return spec, {}
+    kept = tuple(t for t in spec.transforms if t.name not in skipped)
+    configurations = build_configurations(kept, spec.designs, spec.aa_control)
+    return replace(spec, transforms=kept, configurations=configurations), skipped
+
+
+def prepare_model(spec: RunSpec, show_progress: bool) -> tuple[dict[str, Any], ModelBundle]:
+    """Train the teacher if the cache lacks it; the loaded baseline and what describes it."""
+    source = spec.source
+    trained_now = False
+    if source.preset and not get_preset(source.preset).cost_only:
+        _, trained_now = ensure_trained(
+            source.preset, Path(str(source.cache_dir)), show_progress=show_progress
+        )
+    bundle = load_bundle(source)
+    return {"model": bundle.describe(), "trained_now": trained_now}, bundle
+
+
+def declared_figures(transforms: tuple[TransformSpec, ...]) -> dict[str, dict[str, str]]:
+    """metric → what the transform that reports it declared (label, unit, kind, module)."""
+    figures = {}
+    for spec in transforms:
+        for figure in get_transform(spec.name, spec.params).figures:
+            figures[figure.metric] = {**figure.describe(), "transform": spec.name}
+    return figures
+
+
+def start(
+    spec: RunSpec,
+    results_dir: Path,
+    run_id: str | None = None,
+    *,
+    show_progress: bool = True,
+    say: Say = _quiet,
+) -> Suite:
+    """A new run: the teacher ready, unrunnable transforms left out, the directory created."""
+    info, bundle = prepare_model(spec, show_progress)
+    spec, skipped = drop_unrunnable(spec, bundle)
+    for name, reason in skipped.items():
+        say(f"skipping transform {name}: {reason}")
+    store = RunStore.create(
+        results_dir,
+        spec.to_dict(),
+        collect_environment(torch.device(spec.source.device), spec.protocol.seed),
+        run_id,
+    )
+    store.update_meta("skipped_transforms", skipped)
+    store.update_meta("transform_figures", declared_figures(spec.transforms))
+    for key, value in info.items():
+        store.update_meta(key, value)
+    return Suite(store, spec, bundle)
+
+
+def resume(results_dir: Path, run_id: str, *, show_progress: bool = True) -> Suite:
+    """A stored run, to continue where it stopped; its stored plan is reused as it was."""
+    store = RunStore.open(results_dir, run_id)
+    spec = RunSpec.from_dict(store.config)
+    suite = Suite(store, spec)
+    if "model" not in store.meta:  # killed before the model was described
+        info, suite.baseline = prepare_model(spec, show_progress)
+        for key, value in info.items():
+            store.update_meta(key, value)
+    return suite
+
+
+def check(suite: Suite, say: Say = _quiet) -> None:
+    """Check and score the configurations not yet checked (all of them, unless resuming)."""
+    store, spec = suite.store, suite.spec
+    done = {record["config"] for record in store.extras("preflight")}
+    todo = [c for c in spec.configurations if c.name not in done]
+    if not todo:
+        return
+    bundle = suite.baseline or load_bundle(spec.source)
+    count = spec.protocol.eval_examples if bundle.trained else 0  # random weights: no score
+    for result in run_preflight(bundle, todo, spec.workload, count, say):
+        store.record_extra("preflight", result.to_dict())
+        if result.status == REJECTED:
+            store.record_failure(result.config, f"rejected: {result.reason}")
+        if result.config == BASELINE and result.accuracy:
+            store.update_meta("accuracy", result.accuracy)
+            store.update_meta("accuracy_by_kind", result.accuracy_by_kind)
+
+
+def measure(suite: Suite, say: Say = _quiet) -> RunOutcome:
+    """The checks, then the interleaved rounds; Ctrl-C leaves a run that `resume` continues."""
+    store = suite.store
+    store.set_state("running")
+    try:
+        check(suite, say)
+        suite.baseline = None  # the workers load their own copies
+        outcome = run_rounds(suite.spec, store, progress=lambda m: say(f"measuring: {m}"))
+    except KeyboardInterrupt:
+        store.set_state("interrupted")
+        raise RunInterrupted(
+            f"interrupted; continue with `compound run --resume {store.run_id}`"
+        ) from None
+    store.update_meta("rounds", outcome.rounds)
+    store.update_meta("stopped_by_budget", outcome.stopped_by_budget)
+    return outcome
+
+
+def analyse(store: RunStore, spec: RunSpec) -> RunTables:
+    """Recompute every table and the verdict from the stored records; write them beside them."""
+    loaded = load_run(store.path)
+    samples = loaded.samples
+    seed = spec.protocol.seed
+    summary = analysis.summary_table(samples)
+    checks = {r["config"]: r for r in loaded.extras if r["kind"] == "preflight"}
+    tables = RunTables(
+        summary=summary,
+        shares=module_shares(samples),
+        comparisons=analysis.comparisons(samples, BASELINE, seed=seed),
+        flags=analysis.flags(samples, summary),
+        failures=loaded.failures,
+        verdict=judge(samples, [t.name for t in spec.transforms], checks, seed=seed).to_dict(),
+    )
+    store.write_summary(summary)
+    store.write_text("module_shares.csv", tables.shares.to_csv(index=False))
+    store.write_text("comparisons.csv", tables.comparisons.to_csv(index=False))
+    store.write_text("verdict.json", json_text(tables.verdict))
+    store.write_text("report.md", markdown_report(store.meta, tables))
+    store.set_state("complete")
+    return tables
+
+
+def json_report(store: RunStore, tables: RunTables) -> dict[str, Any]:
+    """The run as one JSON object, for `compound run --json`."""
+    meta = store.meta
+    return {
+        "run_id": store.run_id,
+        "path": str(store.path),
+        "model": meta.get("model"),
+        "accuracy": meta.get("accuracy"),
+        "rounds": meta.get("rounds"),
+        "summary": tables.summary.to_dict(orient="records"),
+        "module_shares": tables.shares.to_dict(orient="records"),
+        "comparisons": tables.comparisons.to_dict(orient="records"),
+        "verdict": tables.verdict,
+        "flags": tables.flags,
+        "failures": tables.failures.to_dict(orient="records"),
+    }
