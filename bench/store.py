@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import CompoundError
+from core.jsonio import json_safe
 from core.samples import Sample
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,11 @@ def list_runs(results_dir: Path) -> list[str]:
 
 @dataclass
 class LoadedRun:
-    """Everything one run holds, read once, for the analysis and `compound compare`."""
+    """Everything one run holds, read once, for the analysis."""
 
     meta: dict[str, Any]
     samples: pd.DataFrame
     failures: pd.DataFrame
-    summary: pd.DataFrame | None
     extras: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -106,13 +106,10 @@ def load_run(path: Path) -> LoadedRun:
     path = Path(path)
     store = RunStore.open(path.parent, path.name)
     parsed = _read_log(store.samples_path)
-    summary_path = path / SUMMARY_CSV
-    summary = pd.read_csv(summary_path) if summary_path.is_file() else None
     return LoadedRun(
         meta=store.meta,
         samples=_samples_frame(parsed.samples),
         failures=_failures_frame(parsed.failures),
-        summary=summary,
         extras=parsed.extras,
     )
 
@@ -202,14 +199,6 @@ class RunStore:
         return copy.deepcopy(self._meta["config"])
 
     @property
-    def environment(self) -> dict[str, Any]:
-        return copy.deepcopy(self._meta["environment"])
-
-    @property
-    def state(self) -> str:
-        return self._meta["state"]
-
-    @property
     def samples_path(self) -> Path:
         return self.path / SAMPLES_JSONL
 
@@ -229,7 +218,8 @@ class RunStore:
         self._write_meta()
 
     def _write_meta(self) -> None:
-        text = json.dumps(self._meta, indent=2, default=_json_default) + "\n"
+        # Strict JSON for readers other than Python: NaN and infinity become null.
+        text = json.dumps(json_safe(self._meta), indent=2, default=_json_default) + "\n"
         _atomic_write(self.path / RUN_JSON, text.encode("utf-8"))
 
     # -- samples.jsonl: writing ---------------------------------------------------------------

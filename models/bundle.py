@@ -18,8 +18,6 @@ from models.events import Events
 from models.prompting import PromptFormat
 from models.tokenizer import build_tokenizer
 
-TOP_LEVEL_HANDLES: tuple[str, ...] = ("vision_encoder", "projector", "lm_head")
-
 
 @dataclass
 class ModelBundle:

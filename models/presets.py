@@ -70,10 +70,6 @@ class Preset:
         return data
 
 
-def _own_vocab() -> int:
-    return len(build_tokenizer())
-
-
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (

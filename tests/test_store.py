@@ -73,9 +73,9 @@ def test_create_writes_run_json(tmp_path: Path) -> None:
     store = RunStore.create(tmp_path, CONFIG, ENV)
     meta = json.loads((store.path / "run.json").read_text())
     assert meta["run_id"] == store.run_id == store.path.name
-    assert meta["state"] == "running" == store.state
+    assert meta["state"] == "running" == store.meta["state"]
     assert meta["config"] == CONFIG == store.config
-    assert meta["environment"] == ENV == store.environment
+    assert meta["environment"] == ENV == store.meta["environment"]
     assert list_runs(tmp_path) == [store.run_id]
     assert not [p for p in store.path.iterdir() if p.name.endswith(".tmp")]
 
@@ -201,7 +201,7 @@ def test_resume_appends_only_missing_blocks(store: RunStore, tmp_path: Path) -> 
     store.set_state("interrupted")
 
     resumed = RunStore.open(tmp_path, "run-a")
-    assert resumed.state == "interrupted"
+    assert resumed.meta["state"] == "interrupted"
     done = resumed.completed_blocks()
     for config, block in plan:
         if (config, block) not in done:
@@ -253,7 +253,7 @@ def test_state_and_meta_persist(store: RunStore, tmp_path: Path) -> None:
     store.update_meta("hook_overhead", {"per_call_us": 1.5})
     store.set_state("interrupted")
     reopened = RunStore.open(tmp_path, "run-a")
-    assert reopened.state == "interrupted"
+    assert reopened.meta["state"] == "interrupted"
     assert reopened.meta["hook_overhead"] == {"per_call_us": 1.5}
     reopened.set_state("complete")
     assert load_run(store.path).meta["state"] == "complete"
@@ -267,7 +267,7 @@ def test_empty_run_frames(store: RunStore) -> None:
     run = load_run(store.path)
     assert list(run.samples.columns) == list(SAMPLE_COLUMNS) and run.samples.empty
     assert list(run.failures.columns) == list(FAILURE_COLUMNS) and run.failures.empty
-    assert run.summary is None and run.extras == []
+    assert run.extras == []
     assert store.completed_blocks() == set() and store.failures() == []
 
 
@@ -276,8 +276,7 @@ def test_summary_and_text_files(store: RunStore) -> None:
         {"delta": [0.1, 0.25]}, index=pd.Index(["latency", "energy"], name="metric")
     )
     store.write_summary(summary)
-    loaded = load_run(store.path).summary
-    assert loaded is not None
+    loaded = pd.read_csv(store.path / "summary.csv")
     assert loaded.to_dict("list") == {"metric": ["latency", "energy"], "delta": [0.1, 0.25]}
     store.write_text("report.md", "# Report\n")
     assert (store.path / "report.md").read_text() == "# Report\n"

@@ -20,8 +20,6 @@ PER_REQUEST = (
     "latency_e2e_s",
     "latency_prefill_s",
     "latency_decode_per_token_s",
-    "latency_vision_encode_s",
-    "latency_projector_s",
 )
 # The `modality` of one-off records taken before the timed rounds, in the summary.
 COLD_MODALITY = "before timing"

@@ -22,6 +22,7 @@ from bench.judge.stats import (
     DEFAULT_RESAMPLES,
     DeltaEstimate,
     joint_bootstrap,
+    paired_accuracy_drop,
     paired_delta,
     saving_from_log_ratio,
 )
@@ -218,12 +219,12 @@ def accuracy_verdict(
         return np.sum([drop(c, s) for s in singles], axis=0)
 
     kw = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
-    stacked = joint_bootstrap(data, lambda c: drop(c, stack), **kw)
+    stacked = paired_accuracy_drop(data[baseline], data[stack], **kw)
     total = joint_bootstrap(data, summed, **kw)
     diff = joint_bootstrap(data, lambda c: drop(c, stack) - summed(c), **kw)
     s, t, d = Interval.of(stacked), Interval.of(total), Interval.of(diff)
     word = _judge(d, ADDITIVE, BETTER_THAN_ADDITIVE, WORSE_THAN_ADDITIVE)
-    return AccuracyVerdict(s, t, d, word, _accuracy_note(d, t, word), stacked.n_pairs)
+    return AccuracyVerdict(s, t, d, word, _accuracy_note(d, t, word), diff.n_pairs)
 
 
 def _accuracy_note(d: Interval, t: Interval, word: str) -> str:
