@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "bench.commands.calibrate",
     "bench.commands.transforms",
     "bench.commands.formula",
+    "bench.commands.wrap",
 )
 
 
