@@ -29,7 +29,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `compound` parser and each subcommand's parser, by name."""
     import importlib
 
     parser = OneLineErrorParser(
@@ -39,12 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
-    return parser
+    return parser, subparsers.choices
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parsed arguments; an unknown flag is the subcommand's error, pointing at its --help."""
+    parser, commands = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.handler(args) or 0)
     except RunInterrupted as stopped:

@@ -116,13 +116,13 @@ def test_train_refuses_cost_only_presets(capsys, isolated_cache):
 @pytest.mark.parametrize(
     "argv,fragment",
     [
-        (("formula",), "no input"),
-        (("calibrate", "--budget", "0"), "--budget must be positive"),
+        (("formula",), "nothing to compute: give --delta"),
+        (("calibrate", "--preset", "tiny", "--budget", "0"), "--budget must be positive"),
     ],
 )
-def test_other_input_errors(capsys, argv, fragment):
+def test_other_input_errors(capsys, isolated_cache, argv, fragment):
     code, _, err = run_cli(capsys, *argv)
-    assert code != 0 and "Traceback" not in err
+    assert_one_line_error(code, err, fragment)
 
 
 def test_resume_with_other_model_options_is_refused(capsys, tmp_path):
@@ -132,3 +132,20 @@ def test_resume_with_other_model_options_is_refused(capsys, tmp_path):
     assert_one_line_error(code, err, "--resume reuses")
     code, _, err = run_cli(capsys, "run", "--resume", "missing", "--results-dir", str(tmp_path))
     assert_one_line_error(code, err, "missing")
+
+
+@pytest.mark.parametrize(
+    ("argv", "prefix"),
+    [
+        ((), "compound: error:"),
+        (("frobnicate",), "compound: error:"),
+        (("run", "--requests", "0"), "compound run: error:"),
+        (("run", "--no-such-flag"), "compound run: error:"),
+        (("formula", "--delta"), "compound formula: error:"),
+        (("wrap",), "compound wrap: error:"),
+    ],
+)
+def test_usage_errors_are_one_line_that_says_where_help_is(capsys, argv, prefix):
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, prefix)
+    assert err.startswith(prefix) and err.rstrip().endswith("--help)")

@@ -68,7 +68,24 @@ def test_answers_are_balanced_within_each_question_kind():
     assert 0.4 < first_is_answer / len(comparisons) < 0.6
 
 
+def _expected_direction(row: int, col: int) -> str:
+    """Where cell (row, col) lies from the image centre: the larger offset wins."""
+    centre = (GRID - 1) / 2  # 1.5: the centre lies between the middle cells
+    dx, dy = col - centre, row - centre
+    assert abs(dx) != abs(dy), "a diagonal position is ambiguous and must never be asked"
+    if abs(dx) > abs(dy):
+        return "left" if dx < 0 else "right"
+    return "above" if dy < 0 else "below"  # rows count down from the top
+
+
+def test_expected_direction_known_cells():
+    assert GRID == 4
+    assert _expected_direction(1, 0) == "left" and _expected_direction(2, 3) == "right"
+    assert _expected_direction(0, 1) == "above" and _expected_direction(3, 2) == "below"
+
+
 def test_answers_are_correct_for_the_question():
+    positions = 0
     for e in make_examples(2, "val", 300):
         words = e.question.split()
         if e.kind == "larger":
@@ -88,6 +105,9 @@ def test_answers_are_correct_for_the_question():
         elif e.kind == "position":
             target, distractor = e.scene
             assert target.colour == words[3] and distractor.colour != words[3]
+            assert e.answer == _expected_direction(target.row, target.col), e
+            positions += 1
+    assert positions >= 20  # the branch above really ran
 
 
 def test_kind_weights_reweight_training_kinds_and_leave_the_default_alone():

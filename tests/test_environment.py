@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,11 +39,27 @@ def test_collect_environment_has_keys_and_is_json() -> None:
     assert json.loads(json.dumps(env)) == env
 
 
-def test_git_commit_is_none_or_a_full_hash() -> None:
+def _in_a_git_checkout() -> bool:
+    """Whether the project root is a git checkout this test can read (CI runs a fresh clone)."""
+    return (environment.PROJECT_ROOT / ".git").exists() and shutil.which("git") is not None
+
+
+def test_git_commit_is_a_full_hash_in_a_checkout_and_none_outside() -> None:
     git = collect_environment(torch.device("cpu"))["git"]
+    if not _in_a_git_checkout():
+        assert git == {"commit": None, "dirty": None}
+        return
     commit = git["commit"]
-    assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
-    assert (git["dirty"] is None) == (commit is None)
+    assert isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}", commit), git
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        cwd=environment.PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert commit == head
+    assert isinstance(git["dirty"], bool)
 
 
 def test_not_a_git_checkout_gives_none(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import psutil
 import pytest
@@ -19,14 +20,23 @@ from models.checkpoint import (
 )
 from models.dataset import make_examples
 from models.evaluate import evaluate, greedy_answers
-from models.generation import model_inputs
+from models.generation import generate, model_inputs
 from models.presets import get_preset
+
+NEW_TOKENS = 3
+
+
+def _alone(bundle, request) -> str:
+    """The answer to one request generated on its own: its tokens past the prompt, decoded."""
+    output = generate(bundle, request, NEW_TOKENS)
+    tokens = output[0, len(request.input_ids) :].tolist()
+    return bundle.prompts.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_forward_and_greedy_generation(preset):
     bundle = build_bundle(preset)
-    requests = [bundle.prompts.encode(e) for e in make_examples(0, "test", 4)]
+    requests = [bundle.prompts.encode(e) for e in make_examples(0, "test", 12)]
     with torch.no_grad():
         for request in requests:
             logits = bundle.model(**model_inputs(bundle, [request])).logits
@@ -35,14 +45,43 @@ def test_forward_and_greedy_generation(preset):
                 len(request.input_ids),
                 bundle.model.config.text_config.vocab_size,
             )
-    answers = greedy_answers(bundle, requests, max_new_tokens=2)
-    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+    # Batching must happen (prompts of equal length, with and without images) for the
+    # comparison below to test it.
+    lengths = Counter((len(r.input_ids), r.pixel_values is not None) for r in requests)
+    assert any(n >= 2 and image for (_, image), n in lengths.items())
+    assert any(n >= 2 and not image for (_, image), n in lengths.items())
+
+    batched = greedy_answers(bundle, requests, max_new_tokens=NEW_TOKENS)
+    one_by_one = greedy_answers(bundle, requests, max_new_tokens=NEW_TOKENS, batch_size=1)
+    assert batched == one_by_one
+    # Each request alone through `generate`, which suppresses end-of-sequence until the last
+    # token: greedy answering stops at end-of-sequence instead, so its answer is that text or
+    # the part of it before the step where end-of-sequence won.
+    alone = [_alone(bundle, r) for r in requests]
+    for answer, full in zip(batched, alone, strict=True):
+        assert full.startswith(answer), (answer, full)
+        if len(answer.split()) == NEW_TOKENS:
+            assert answer == full
+    # Answers differ across requests, so a mix-up of rows within a batch would show.
+    assert len(set(batched)) > 1
 
 
-def test_preset_sizes_and_visual_tokens():
+@pytest.mark.parametrize("preset,image_tokens", [("tiny", 16), ("small", 64)])
+def test_preset_sizes_and_visual_tokens(preset, image_tokens):
+    # (image_size / patch_size)²: tiny 32 px / 8 px patches = 4×4, small 64 / 8 = 8×8.
+    vision = get_preset(preset).vision
+    assert (vision["image_size"] // vision["patch_size"]) ** 2 == image_tokens
+    assert get_preset(preset).image_tokens == image_tokens
+    bundle = build_bundle(preset)
+    assert bundle.prompts.image_tokens == image_tokens
+    example = next(e for e in make_examples(0, "test", 4) if e.has_image)
+    request = bundle.prompts.encode(example)
+    assert request.input_ids.count(bundle.prompts.image_token_id) == image_tokens
+
+
+def test_preset_parameter_counts():
     tiny, small = build_bundle("tiny"), build_bundle("small")
     assert tiny.param_count() <= 3_000_000
-    assert small.prompts.image_tokens >= 64
     assert small.param_count() > tiny.param_count()
 
 

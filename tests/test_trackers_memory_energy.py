@@ -247,7 +247,13 @@ def test_cuda_memory_tracker_sees_an_allocation() -> None:
     assert values["peak_allocated_bytes"].value >= 100e6
     assert values["peak_reserved_bytes"].value >= values["peak_allocated_bytes"].value
     nvml = values["nvml_process_bytes"]
-    assert nvml.value > 100e6 or (math.isnan(nvml.value) and nvml.extra["warning"])
+    if math.isnan(nvml.value):
+        # NVML unusable, or this pid hidden from it (container PID namespace): say so.
+        assert nvml.extra["warning"], "a NaN NVML figure must carry its reason"
+        pytest.skip(f"NVML per-process memory unavailable: {nvml.extra['warning']}")
+    # NVML's figure adds the CUDA context to the allocator's cache, which still holds the 100 MB.
+    assert nvml.extra["warning"] is None
+    assert nvml.value > 100e6
 
 
 # --- Energy: estimate -------------------------------------------------------------
@@ -406,14 +412,18 @@ def test_select_never_raises_without_nvml(monkeypatch: pytest.MonkeyPatch, tmp_p
 @needs_cuda
 def test_real_nvml_energy_over_a_second_of_matmuls() -> None:
     meter = select_energy_meter(torch.device("cuda", 0))
+    if not isinstance(meter, NvmlEnergyMeter):
+        pytest.skip(
+            f"NVML energy counter unusable on this GPU; select_energy_meter chose {meter.scope!r}"
+        )
     x = torch.randn(4096, 4096, device="cuda")
     with meter.window() as w:
         deadline = time.perf_counter() + 1.2
         while time.perf_counter() < deadline:
             x = (x @ x).tanh_()
-    if isinstance(meter, NvmlEnergyMeter):
-        assert w.joules > 0 and w.warning is None
     assert w.seconds >= 1.2
+    assert w.source == "measured" and w.warning is None
+    assert math.isfinite(w.joules) and w.joules > 0
 
 
 # --- Cost and carbon --------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from tokenizers import AddedToken
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig
 
-from bench.cli import build_parser
+from bench.cli import parse
 from bench.configuration import TransformSpec
 from models.checkpoint import METADATA_FILE, load_model_dir
 from models.dataset import make_examples
@@ -105,7 +105,7 @@ def test_wrap_keeps_the_language_model_and_serves(llama_dir, tmp_path, capsys):
 
 
 def test_the_default_vision_is_smolvlm_siglip_and_the_image_token_is_the_last_id():
-    args = build_parser().parse_args(["wrap", "lm", "--out", "x"])
+    args = parse(["wrap", "lm", "--out", "x"])
     assert args.vision_from == "smolvlm-256m" and args.seed == 0
     config = _wrapped_config(tiny_llama_config(vocab_size=49152), args.vision_from)
     assert isinstance(config.vision_config, SiglipVisionConfig)

@@ -198,7 +198,7 @@ def markdown_report(meta: dict[str, Any], tables: RunTables) -> str:
     device = gpu.get("name") if isinstance(gpu, dict) and gpu.get("name") else None
     cpu = environment.get("cpu") or {}
     device = device or f"CPU {cpu.get('model')} ({cpu.get('torch_threads')} threads)"
-    commit = (environment.get("git") or {}).get("commit", "")[:10]
+    commit = ((environment.get("git") or {}).get("commit") or "")[:10]
     lines = [
         f"# compound-bench run {meta['run_id']}",
         "",
