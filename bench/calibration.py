@@ -30,8 +30,6 @@ def calibration_spec(
     source: ModelSource, planted: tuple[float, ...], budget: float, requests: int, threads: int
 ) -> RunSpec:
     """A/A and planted copies of the baseline, timed until the budget is spent."""
-    if budget <= 0:
-        raise CompoundError("--budget must be positive")
     if any(not 0 < p < 1 for p in planted):
         raise CompoundError("--planted slowdowns must be fractions in (0, 1), e.g. 0.02")
     copies = [Configuration(planted_name(p), slowdown=p) for p in planted]
@@ -63,17 +61,17 @@ def calibrate(
         ensure_trained(source.preset, Path(str(source.cache_dir)), show_progress=show_progress)
     keep = results_dir is not None
     directory = results_dir or Path(tempfile.mkdtemp(prefix="compound-calibrate-"))
+    environment = collect_environment(torch.device(source.device))
     try:
-        store = RunStore.create(
-            directory, spec.to_dict(), collect_environment(torch.device(source.device))
-        )
-        run_rounds(spec, store, progress=lambda m: say(f"calibrating: {m}"))
-        store.set_state("complete")
-        budget = float(spec.protocol.max_seconds or 0.0)
-        report = calibration_report(load_run(store.path).samples, planted, budget, source.device)
-        if keep:
-            store.update_meta("calibration", report)
-            report["run_id"] = store.run_id
+        with RunStore.create(directory, spec.to_dict(), environment) as store:
+            run_rounds(spec, store, progress=lambda m: say(f"calibrating: {m}"))
+            store.set_state("complete")
+            budget = float(spec.protocol.max_seconds or 0.0)
+            samples = load_run(store.path).samples
+            report = calibration_report(samples, planted, budget, source.device)
+            if keep:
+                store.update_meta("calibration", report)
+                report["run_id"] = store.run_id
     finally:
         if not keep:
             shutil.rmtree(directory, ignore_errors=True)

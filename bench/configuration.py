@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import math
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from core.errors import CompoundError
 
 
 @dataclass(frozen=True)
@@ -96,25 +100,81 @@ class RunSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
-        configurations = tuple(
-            Configuration(
-                name=c["name"],
-                transforms=_specs(c["transforms"]),
-                slowdown=c.get("slowdown", 0.0),
-            )
-            for c in data["configurations"]
-        )
-        return cls(
-            source=ModelSource(**data["source"]),
-            configurations=configurations,
-            workload=WorkloadSpec(**data["workload"]),
-            protocol=Protocol(**data["protocol"]),
-            transforms=_specs(data.get("transforms", [])),
-            designs=tuple(data.get("designs", [])),
-            aa_control=data.get("aa_control", False),
-        )
+    def from_dict(cls, data: dict[str, Any], origin: str | None = None) -> RunSpec:
+        """Rebuild a stored spec, checked field by field: a damaged file must not pass silently.
+
+        `origin` (the file it came from) starts the error message.
+        """
+        try:
+            return _build(cls, data, "config")
+        except _Invalid as invalid:
+            where = f"{origin}: " if origin else ""
+            raise CompoundError(f"{where}{invalid}; fix it there or start a new run") from None
 
 
-def _specs(records: list[dict[str, Any]]) -> tuple[TransformSpec, ...]:
-    return tuple(TransformSpec(t["name"], dict(t["params"])) for t in records)
+class _Invalid(ValueError):
+    """A stored value that does not fit its field; the message starts with the field path."""
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Dataclass `cls` from a dict: no unknown field; only fields with a default may be left out."""
+    if not isinstance(data, dict):
+        raise _Invalid(f"{path} must be an object, got {_shown(data)}")
+    known = {f.name: f for f in fields(cls)}
+    for name in data:
+        if name not in known:
+            raise _Invalid(f"{path}.{name} is not a field of {cls.__name__}")
+    for name, spec in known.items():
+        if name not in data and spec.default is MISSING and spec.default_factory is MISSING:
+            raise _Invalid(f"{path}.{name} is missing")
+    hints = get_type_hints(cls)
+    return cls(
+        **{name: _value(hints[name], value, f"{path}.{name}") for name, value in data.items()}
+    )
+
+
+def _value(hint: Any, value: Any, path: str) -> Any:
+    """`value` checked against the annotation `hint`; lists stand for tuples (JSON has none)."""
+    origin = get_origin(hint)
+    if is_dataclass(hint):
+        return _build(hint, value, path)
+    if origin in (Union, types.UnionType):
+        for arm in get_args(hint):
+            try:
+                return _value(arm, value, path)
+            except _Invalid:
+                pass
+        raise _Invalid(f"{path} must be {_named(hint)}, got {_shown(value)}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _Invalid(f"{path} must be a list, got {_shown(value)}")
+        item = get_args(hint)[0]
+        return tuple(_value(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise _Invalid(f"{path} must be an object, got {_shown(value)}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise _Invalid(f"{path} must be a finite number, got {value}")
+        return float(value)
+    if hint is type(None) and value is None:
+        return None
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise _Invalid(f"{path} must be {_named(hint)}, got {_shown(value)}")
+
+
+def _named(hint: Any) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_named(arm) for arm in get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"

@@ -12,6 +12,7 @@ plan → start (or resume) → measure (checks, then interleaved rounds) → ana
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,14 +28,14 @@ from bench.judge.shares import module_shares
 from bench.judge.suite_verdict import judge
 from bench.measure.environment import collect_environment
 from bench.measure.loading import load_bundle, resolve_device
-from bench.measure.preflight import REJECTED, run_preflight, unmet_requirements
+from bench.measure.preflight import REJECTED, check_fit, run_preflight, unmet_requirements
 from bench.measure.runner import RunOutcome, run_rounds
 from bench.report.markdown import markdown_report
-from bench.store import RunStore, load_run
+from bench.store import RUN_JSON, RunStore, load_run
 from core.errors import CompoundError, RunInterrupted
 from core.jsonio import json_text
 from models.bundle import ModelBundle
-from models.checkpoint import cache_dir
+from models.checkpoint import build_bundle, cache_dir
 from models.presets import DEFAULT_PRESET, get_preset
 from models.teacher import ensure_trained
 from optimizations.registry import get_transform
@@ -62,9 +63,12 @@ def model_source(
         raise CompoundError("--trained describes a --model directory; presets know themselves")
     common = {"cache_dir": str(cache_dir(cache)), "device": resolve_device(device)}
     if model_path is not None:
-        path = str(Path(model_path).expanduser().resolve())
-        return ModelSource(model_path=path, trained=trained, **common)
-    return ModelSource(preset=get_preset(preset or DEFAULT_PRESET).name, **common)
+        path = Path(model_path).expanduser().resolve()
+        if not path.is_dir():
+            raise CompoundError(f"model path is not a directory: {path}")
+        return ModelSource(model_path=str(path), trained=trained, **common)
+    name = DEFAULT_PRESET if preset is None else preset
+    return ModelSource(preset=get_preset(name).name, **common)
 
 
 def plan(
@@ -88,6 +92,7 @@ class Suite:
     store: RunStore
     spec: RunSpec
     baseline: ModelBundle | None = None
+    repaired: dict[str, Any] | None = None  # what `--repair` dropped from samples.jsonl
 
 
 def drop_unrunnable(spec: RunSpec, bundle: ModelBundle) -> tuple[RunSpec, dict[str, str]]:
@@ -129,7 +134,12 @@ def start(
     show_progress: bool = True,
     say: Say = _quiet,
 ) -> Suite:
-    """A new run: the teacher ready, unrunnable transforms left out, the directory created."""
+    """A new run: the teacher ready, unrunnable transforms left out, the directory created.
+
+    A preset's transforms are checked against its shape first, before any training.
+    """
+    if spec.source.preset:
+        check_fit(spec.transforms, build_bundle(spec.source.preset, materialize=False))
     info, bundle = prepare_model(spec, show_progress)
     spec, skipped = drop_unrunnable(spec, bundle)
     for name, reason in skipped.items():
@@ -147,11 +157,18 @@ def start(
     return Suite(store, spec, bundle)
 
 
-def resume(results_dir: Path, run_id: str, *, show_progress: bool = True) -> Suite:
-    """A stored run, to continue where it stopped; its stored plan is reused as it was."""
-    store = RunStore.open(results_dir, run_id)
-    spec = RunSpec.from_dict(store.config)
-    suite = Suite(store, spec)
+def resume(
+    results_dir: Path, run_id: str, *, show_progress: bool = True, repair: bool = False
+) -> Suite:
+    """A stored run, to continue where it stopped; its stored plan is reused as it was.
+
+    The run is locked for this process; `repair` first drops damaged lines of samples.jsonl
+    (a backup is kept), so the blocks they belonged to are measured again.
+    """
+    stored = RunStore.open(results_dir, run_id)  # read-only: a broken run is refused untouched
+    spec = RunSpec.from_dict(stored.config, str(stored.path / RUN_JSON))
+    store = RunStore.open(results_dir, run_id, writer=True)
+    suite = Suite(store, spec, repaired=store.repair() if repair else None)
     if "model" not in store.meta:  # killed before the model was described
         info, suite.baseline = prepare_model(spec, show_progress)
         for key, value in info.items():
@@ -189,6 +206,17 @@ def measure(suite: Suite, say: Say = _quiet) -> RunOutcome:
         store.set_state("interrupted")
         raise RunInterrupted(
             f"interrupted; continue with `compound run --resume {store.run_id}`"
+        ) from None
+    except CompoundError:
+        store.set_state("interrupted")
+        raise
+    except Exception as error:  # a library's error: one line here, the traceback in the run
+        store.log_error(f"{type(error).__name__} while measuring", traceback.format_exc())
+        store.set_state("interrupted")
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise CompoundError(
+            f"the run stopped on {type(error).__name__}: {first} (details in "
+            f"{store.errors_path}); continue with `compound run --resume {store.run_id}`"
         ) from None
     store.update_meta("rounds", outcome.rounds)
     store.update_meta("stopped_by_budget", outcome.stopped_by_budget)

@@ -9,7 +9,15 @@ import torch
 
 from core.errors import CompoundError
 from models.bundle import ModelBundle
-from models.checkpoint import build_bundle, checkpoint_path, load_model_dir, save_checkpoint
+from models.checkpoint import (
+    build_bundle,
+    check_cache_dir,
+    checkpoint_path,
+    load_cached,
+    load_model_dir,
+    remove_stale_staging,
+    save_checkpoint,
+)
 from models.evaluate import evaluate
 from models.presets import get_preset
 from models.train import train
@@ -44,8 +52,15 @@ def train_and_save(preset_name: str, cache: Path, *, show_progress: bool = True)
 def ensure_trained(
     preset_name: str, cache: Path, *, show_progress: bool = True, retrain: bool = False
 ) -> tuple[ModelBundle, bool]:
-    """The trained bundle and whether it was trained just now (False: reused from the cache)."""
-    path = checkpoint_path(get_preset(preset_name), cache)
-    if path.exists() and not retrain:
-        return load_model_dir(path), False
-    return train_and_save(preset_name, cache, show_progress=show_progress), True
+    """The trained bundle and whether it was trained just now (False: reused from the cache).
+
+    The cache is checked first, so an unusable one fails before minutes of training.
+    """
+    preset = get_preset(preset_name)
+    path = checkpoint_path(preset, cache)
+    will_train = retrain or not path.exists()
+    check_cache_dir(cache, writable=will_train)
+    remove_stale_staging(path.parent)
+    if not will_train:
+        return load_cached(preset.name, path), False
+    return train_and_save(preset.name, cache, show_progress=show_progress), True

@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from core.errors import CompoundError
 from models.bundle import ModelBundle, count_parameters, prompt_format_for
-from models.checkpoint import save_checkpoint
+from models.checkpoint import TOKENIZER_FILES, save_checkpoint
 from models.presets import get_preset, llava_config
 from models.tokenizer import build_tokenizer
 
@@ -41,8 +41,6 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj")
 # transformers dequantizes GGUF with the gguf package and refuses to without accelerate.
 GGUF_PACKAGES = ("gguf", "accelerate")
-# Any of these in the source directory means it ships a tokenizer, which must then load.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def _first_line(error: BaseException) -> str:

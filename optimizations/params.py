@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,8 @@ class Param:
         # bool is an int subclass: True must not pass as 1, nor 1 as True.
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CompoundError(f"{where} must be a finite number, got {value!r}")
         if isinstance(value, bool) != (self.type is bool) or not isinstance(value, self.type):
             raise CompoundError(
                 f"{where} must be {self.type_name}, got {type(value).__name__} {value!r}"

@@ -240,7 +240,8 @@ class VisionSleep(Transform):
 
     def validate_for(self, bundle: ModelBundle) -> None:
         super().validate_for(bundle)
-        if self.values["mode"] == "cuda-pinned" and bundle.device.type != "cuda":
+        # A meta-device bundle is a shape without a place: its device is checked when it has one.
+        if self.values["mode"] == "cuda-pinned" and bundle.device.type not in ("cuda", "meta"):
             raise CompoundError(
                 f"transform {self.name}: mode 'cuda-pinned' needs the model on a CUDA device "
                 f"(it is on {bundle.device.type})"

@@ -117,7 +117,7 @@ def test_train_refuses_cost_only_presets(capsys, isolated_cache):
     "argv,fragment",
     [
         (("formula",), "nothing to compute: give --delta"),
-        (("calibrate", "--preset", "tiny", "--budget", "0"), "--budget must be positive"),
+        (("calibrate", "--preset", "tiny", "--budget", "0"), "--budget must be > 0, got 0"),
     ],
 )
 def test_other_input_errors(capsys, isolated_cache, argv, fragment):
@@ -129,7 +129,9 @@ def test_resume_with_other_model_options_is_refused(capsys, tmp_path):
     code, _, err = run_cli(
         capsys, "run", "--resume", "x", "--preset", "tiny", "--results-dir", str(tmp_path)
     )
-    assert_one_line_error(code, err, "--resume reuses")
+    assert_one_line_error(
+        code, err, "--resume continues run 'x' as it was configured; drop --preset"
+    )
     code, _, err = run_cli(capsys, "run", "--resume", "missing", "--results-dir", str(tmp_path))
     assert_one_line_error(code, err, "missing")
 

@@ -1,4 +1,8 @@
-"""Tests for the results store: round trips, kill-safety, resume, and clear errors."""
+"""Tests for the results store: round trips, kill-safety, resume, and clear errors.
+
+A writer holds the run's lock (flock conflicts even inside one process), so a test that reopens
+a run to write closes the first store before: as a resumed run follows a finished process.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +63,9 @@ def sample_records(samples: list[Sample]) -> list[dict]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> RunStore:
-    return RunStore.create(tmp_path, CONFIG, ENV, run_id="run-a")
+def store(tmp_path: Path) -> Iterator[RunStore]:
+    with RunStore.create(tmp_path, CONFIG, ENV, run_id="run-a") as created:
+        yield created
 
 
 def test_new_run_id_format_and_uniqueness() -> None:
@@ -88,6 +94,7 @@ def test_create_stores_numpy_and_paths_as_json(tmp_path: Path) -> None:
 
 
 def test_create_on_existing_run_refuses(store: RunStore, tmp_path: Path) -> None:
+    store.close()  # a live writer would be named instead (test_store_hardening)
     with pytest.raises(CompoundError, match="already exists"):
         RunStore.create(tmp_path, CONFIG, ENV, run_id="run-a")
 
@@ -133,8 +140,9 @@ def test_simulated_kill_then_resume(store: RunStore, tmp_path: Path) -> None:
     partial = raw_lines(sample_records(make_block("baseline", 1)))
     with open(store.samples_path, "a") as handle:
         handle.write(partial[: len(partial) - 40])
+    store.close()
 
-    reopened = RunStore.open(tmp_path, "run-a")
+    reopened = RunStore.open(tmp_path, "run-a", writer=True)
     assert reopened.completed_blocks() == {("baseline", 0)}
     assert set(load_run(store.path).samples["block"]) == {0}
 
@@ -160,7 +168,8 @@ def test_unterminated_marker_line_does_not_count(store: RunStore, tmp_path: Path
         ]
     )
     store.samples_path.write_text(text[:-1])
-    reopened = RunStore.open(tmp_path, "run-a")
+    store.close()
+    reopened = RunStore.open(tmp_path, "run-a", writer=True)
     assert reopened.completed_blocks() == set()
     reopened.append_block("sparse", 2, make_block("sparse", 2))
     assert len(reopened.samples_frame()) == 3
@@ -199,8 +208,9 @@ def test_resume_appends_only_missing_blocks(store: RunStore, tmp_path: Path) -> 
     for config, block in plan[:3]:
         store.append_block(config, block, make_block(config, block))
     store.set_state("interrupted")
+    store.close()
 
-    resumed = RunStore.open(tmp_path, "run-a")
+    resumed = RunStore.open(tmp_path, "run-a", writer=True)
     assert resumed.meta["state"] == "interrupted"
     done = resumed.completed_blocks()
     for config, block in plan:
@@ -241,7 +251,7 @@ def test_missing_or_corrupt_run_json(tmp_path: Path, store: RunStore) -> None:
     with pytest.raises(CompoundError, match="not valid JSON"):
         RunStore.open(tmp_path, "run-a")
     (store.path / "run.json").write_text('{"run_id": "run-a"}')
-    with pytest.raises(CompoundError, match="lacks the fields"):
+    with pytest.raises(CompoundError, match="lacks the fields created, state, config"):
         load_run(store.path)
     (store.path / "run.json").unlink()
     with pytest.raises(CompoundError, match="no run.json"):
@@ -252,15 +262,16 @@ def test_missing_or_corrupt_run_json(tmp_path: Path, store: RunStore) -> None:
 def test_state_and_meta_persist(store: RunStore, tmp_path: Path) -> None:
     store.update_meta("hook_overhead", {"per_call_us": 1.5})
     store.set_state("interrupted")
-    reopened = RunStore.open(tmp_path, "run-a")
+    store.close()
+    reopened = RunStore.open(tmp_path, "run-a", writer=True)
     assert reopened.meta["state"] == "interrupted"
     assert reopened.meta["hook_overhead"] == {"per_call_us": 1.5}
     reopened.set_state("complete")
     assert load_run(store.path).meta["state"] == "complete"
     with pytest.raises(ValueError, match="unknown run state"):
-        store.set_state("done")
+        reopened.set_state("done")
     with pytest.raises(ValueError, match="cannot be changed"):
-        store.update_meta("config", {})
+        reopened.update_meta("config", {})
 
 
 def test_empty_run_frames(store: RunStore) -> None:
@@ -287,7 +298,7 @@ def test_summary_and_text_files(store: RunStore) -> None:
 
 def _child_appender(results_dir: str, counter: Any) -> None:
     """Append large blocks forever, bumping `counter` (a shared Value) after each one is stored."""
-    store = RunStore.open(Path(results_dir), "run-a")
+    store = RunStore.open(Path(results_dir), "run-a", writer=True)
     block = 0
     while True:
         store.append_block("baseline", block, make_block("baseline", block, n=400))
@@ -299,6 +310,7 @@ def _child_appender(results_dir: str, counter: Any) -> None:
 def test_sigkilled_writer_leaves_exactly_the_completed_blocks(
     store: RunStore, tmp_path: Path, extra_delay: float
 ) -> None:
+    store.close()  # the child is the writer now
     ctx = multiprocessing.get_context("spawn")
     counter = ctx.Value("i", 0)
     child = ctx.Process(target=_child_appender, args=(str(tmp_path), counter))
@@ -313,7 +325,7 @@ def test_sigkilled_writer_leaves_exactly_the_completed_blocks(
     reported = counter.value
     assert reported >= 3
 
-    reopened = RunStore.open(tmp_path, "run-a")
+    reopened = RunStore.open(tmp_path, "run-a", writer=True)  # the kill freed the lock
     done = reopened.completed_blocks()
     n_done = len(done)
     # The kill may land after a block is stored but before the counter moves.

@@ -7,7 +7,6 @@ effect and the planted slowdowns as measured.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +15,26 @@ from rich.table import Table
 
 from bench import suite
 from bench.calibration import DEFAULT_PLANTED, calibrate, calibration_spec
-from bench.commands.common import add_json_arg, add_model_args, positive_int, print_json
+from bench.commands.common import (
+    HOURS,
+    Bound,
+    add_json_arg,
+    add_model_args,
+    add_no_limits_arg,
+    check_bounds,
+    finite_float,
+    path_arg,
+    positive_int,
+    print_json,
+)
+from core.errors import CompoundError
+from core.paths import directory_problem
+
+BOUNDS = {
+    "budget": Bound(low=0, low_open=True, cap=3600, why=HOURS),
+    "requests": Bound(low=1, cap=256, why=HOURS),
+    "threads": Bound(low=1, high=1024),
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,14 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(parser)
     parser.add_argument(
         "--budget",
-        type=float,
+        type=finite_float,
         default=120.0,
         metavar="SECONDS",
         help="time budget for the timed rounds (default 120)",
     )
     parser.add_argument(
         "--planted",
-        type=float,
+        type=finite_float,
         action="append",
         default=None,
         metavar="FRACTION",
@@ -42,15 +60,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument(
         "--results-dir",
-        type=Path,
+        type=path_arg,
         default=None,
         help="keep the calibration run here (default: a temporary directory)",
     )
+    add_no_limits_arg(parser)
     add_json_arg(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_bounds(args, BOUNDS)
+    if args.results_dir is not None:
+        problem = directory_problem(args.results_dir, writable=True)
+        if problem:
+            raise CompoundError(f"--results-dir {problem}")
     planted = tuple(args.planted or DEFAULT_PLANTED)
     source = suite.model_source(
         args.preset, args.model, args.cache_dir, args.device, trained=args.trained

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,74 @@ from models.presets import DEFAULT_PRESET, PRESETS
 from optimizations.registry import get_transform
 
 
+def path_arg(text: str) -> Path:
+    """argparse type: a path that is not empty (an empty one would silently mean "here")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text).expanduser()
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (NaN would never stop a loop; infinity never ends one)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Bound:
+    """Where a numeric option must lie. `high` is a hard limit; `cap` a soft one, above which a
+    run would take hours, lifted by --no-limits."""
+
+    low: float | None = None
+    high: float | None = None
+    cap: float | None = None
+    low_open: bool = False
+    why: str = ""
+
+    def problem(self, value: float, lifted: bool) -> str | None:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return f"must be {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None and value > self.high:
+            return f"must be at most {self.high:g}" + (f" ({self.why})" if self.why else "")
+        if self.cap is not None and value > self.cap and not lifted:
+            return f"must be at most {self.cap:g} ({self.why}; --no-limits allows more)"
+        return None
+
+
+SEED = Bound(low=0, high=2**32 - 1, why="seeds are unsigned 32-bit integers")
+HOURS = "a larger value keeps it going for hours"
+
+
+def add_no_limits_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-limits",
+        action="store_true",
+        help="allow values above the caps that keep a run within hours (--requests, ...)",
+    )
+
+
+def check_bounds(args: argparse.Namespace, bounds: dict[str, Bound]) -> None:
+    """One line naming the first option outside its bounds (checked before any work starts)."""
+    lifted = bool(getattr(args, "no_limits", False))
+    for dest, bound in bounds.items():
+        value = getattr(args, dest)
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            problem = None if item is None else bound.problem(item, lifted)
+            if problem:
+                flag = "--" + dest.replace("_", "-")
+                raise CompoundError(f"{flag} {problem}, got {item:g}")
+
+
 def add_cache_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir",
-        type=Path,
+        type=path_arg,
         default=None,
         help=f"checkpoint cache (default ${CACHE_ENV_VAR} or ~/.cache/compound-bench)",
     )
@@ -38,7 +103,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--model",
-        type=Path,
+        type=path_arg,
         default=None,
         metavar="PATH",
         help="a local LLaVA-family checkpoint directory instead of a preset",
@@ -62,7 +127,8 @@ def load_trained_bundle(args: argparse.Namespace) -> ModelBundle:
         return load_model_dir(args.model, trained=args.trained)
     if args.trained:
         raise CompoundError("--trained describes a --model directory; presets know themselves")
-    return load_trained(args.preset or DEFAULT_PRESET, cache_dir(args.cache_dir))
+    preset = DEFAULT_PRESET if args.preset is None else args.preset
+    return load_trained(preset, cache_dir(args.cache_dir))
 
 
 def print_json(data: Any) -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 
 from bench.commands.common import (
+    HOURS,
+    Bound,
     add_json_arg,
     add_model_args,
+    add_no_limits_arg,
+    check_bounds,
     load_trained_bundle,
     positive_int,
     print_json,
@@ -23,11 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=2000,
         help="test examples, half image and half text (default 2000: standard error about 0.4%%)",
     )
+    add_no_limits_arg(parser)
     add_json_arg(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_bounds(args, {"examples": Bound(low=1, cap=20_000, why=HOURS)})
     bundle = load_trained_bundle(args)
     result = evaluate(bundle, split="test", count=args.examples)
     report = {

@@ -14,19 +14,43 @@ from rich.console import Console
 
 from bench import suite
 from bench.commands.common import (
+    HOURS,
+    SEED,
+    Bound,
     add_json_arg,
     add_model_args,
+    add_no_limits_arg,
+    check_bounds,
+    finite_float,
     fraction,
     parse_transforms,
+    path_arg,
     positive_int,
     print_json,
 )
 from bench.configuration import Protocol, RunSpec, WorkloadSpec
 from bench.designs import DESIGNS, parse_designs
 from bench.report.terminal import render_run
+from bench.store import RUN_JSON, check_run_id
 from core.errors import CompoundError
+from core.paths import directory_problem
 
 DEFAULT_RESULTS = Path("results")
+BOUNDS: dict[str, Bound] = {
+    "threads": Bound(low=1, high=1024),
+    "requests": Bound(low=1, cap=256, why=HOURS),
+    "new_tokens": Bound(low=1, cap=512, why=HOURS),
+    "min_rounds": Bound(low=1, cap=10_000, why=HOURS),
+    "min_seconds": Bound(low=0, cap=3600, why=HOURS),
+    "budget": Bound(low=0, low_open=True, cap=6 * 3600, why=HOURS),
+    "eval_examples": Bound(low=0, cap=20_000, why=HOURS),
+    "watts_per_core": Bound(low=0, low_open=True, high=1000, why="no CPU core draws a kilowatt"),
+    "price_per_hour": Bound(low=0, high=10_000, why="dollars per device-hour"),
+    "grid_intensity": Bound(low=0, high=2000, why="coal-fired power emits about 1,000 gCO2/kWh"),
+    "seed": SEED,
+}
+# What --resume may be given with; any other flag would change the stored run.
+RESUME_FLAGS = {"resume", "repair", "results_dir", "json", "no_progress"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,16 +122,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("--price-per-hour", 0.10, "$ per device-hour for the derived cost figure"),
         ("--grid-intensity", 475.0, "gCO2 per kWh for the derived carbon figure"),
     ):
-        parser.add_argument(flag, type=float, default=default, help=f"{help_text} ({default:g})")
+        parser.add_argument(
+            flag, type=finite_float, default=default, help=f"{help_text} ({default:g})"
+        )
     parser.add_argument(
         "--budget",
-        type=float,
+        type=finite_float,
         default=None,
         metavar="SECONDS",
         help="stop the timed rounds after this many seconds even if minima are unmet",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--seed", type=int, default=0, help="workload and round-order seed (0)")
+    parser.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
     parser.add_argument("--run-id", default=None, help="name the run (default: time-based)")
     parser.add_argument(
         "--resume",
@@ -115,17 +141,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="RUN_ID",
         help="continue a killed run; its stored configuration is reused",
     )
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="with --resume: drop damaged lines of samples.jsonl (a backup is kept) and re-run "
+        "the blocks they belonged to",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
+    add_no_limits_arg(parser)
     add_json_arg(parser)
     parser.set_defaults(handler=run)
 
 
+def check_output(args: argparse.Namespace) -> None:
+    """The results directory and run id, checked before any model is loaded or trained."""
+    problem = directory_problem(args.results_dir, writable=True)
+    if problem:
+        raise CompoundError(f"--results-dir {problem}")
+    if args.run_id is not None:
+        check_run_id(args.run_id)
+        if (args.results_dir / args.run_id / RUN_JSON).exists():
+            raise CompoundError(
+                f"run {args.run_id!r} already exists in {args.results_dir}; continue it with "
+                f"--resume {args.run_id} or pick another --run-id"
+            )
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    """--resume continues the stored run as configured: flags that would change it are refused."""
+    if args.resume is None:
+        if args.repair:
+            raise CompoundError("--repair goes with --resume RUN_ID")
+        return
+    check_run_id(args.resume)
+    conflicting = sorted(args.given - RESUME_FLAGS)
+    if conflicting:
+        flags = ", ".join("--" + dest.replace("_", "-") for dest in conflicting)
+        raise CompoundError(
+            f"--resume continues run {args.resume!r} as it was configured; drop {flags}"
+        )
+
+
 def build_spec(args: argparse.Namespace) -> RunSpec:
     """The suite the flags describe (everything checked before any work starts)."""
-    if args.min_seconds < 0 or (args.budget is not None and args.budget <= 0):
-        raise CompoundError("--min-seconds must be >= 0 and --budget > 0")
-    if args.eval_examples < 0:
-        raise CompoundError(f"--eval-examples must be >= 0, got {args.eval_examples}")
+    check_bounds(args, BOUNDS)
+    check_output(args)
     source = suite.model_source(
         args.preset, args.model, args.cache_dir, args.device, trained=args.trained
     )
@@ -156,14 +216,18 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
 def run(args: argparse.Namespace) -> int:
     quiet = args.json or args.no_progress
     console = Console(stderr=True, quiet=quiet)
-    if args.resume:
-        if args.preset or args.model or args.run_id:
-            raise CompoundError(
-                "--resume reuses the stored run's configuration; drop "
-                "--preset, --model and --run-id"
-            )
-        current = suite.resume(args.results_dir, args.resume, show_progress=not quiet)
+    check_resume(args)
+    if args.resume is not None:
+        current = suite.resume(
+            args.results_dir, args.resume, show_progress=not quiet, repair=args.repair
+        )
         stored = len(current.store.completed_blocks())
+        if current.repaired:
+            fixed = current.repaired
+            console.print(
+                f"repaired samples.jsonl: dropped {fixed['lines_dropped']} line(s) and "
+                f"{fixed['blocks_dropped']} block(s) to re-run; the original is {fixed['backup']}"
+            )
         console.print(f"resuming run {current.store.run_id} ({stored} blocks stored)")
     else:
         current = suite.start(
@@ -173,6 +237,11 @@ def run(args: argparse.Namespace) -> int:
             show_progress=not quiet,
             say=console.print,
         )
+    with current.store:  # the run's lock is released however the run ends
+        return _measure_and_report(args, current, console)
+
+
+def _measure_and_report(args: argparse.Namespace, current: suite.Suite, console: Console) -> int:
     store = current.store
     console.print(
         f"run {store.run_id}: {len(current.spec.configurations)} configuration(s), "
@@ -186,4 +255,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         Console().print(render_run(store.meta, tables))
         console.print(f"report: {store.path / 'report.md'}")
+    if outcome.failed and len(outcome.failed) == len(current.spec.configurations):
+        raise CompoundError(
+            f"every configuration failed; the reasons are in {store.path / 'report.md'} and "
+            f"{store.path / 'errors.log'}"
+        )
     return 0 if not outcome.failed else 1

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from bench.commands.common import add_json_arg, print_json
+from bench.commands.common import SEED, add_json_arg, check_bounds, path_arg, print_json
 from models.presets import PRESETS
 from models.wrap import DEFAULT_VISION_PRESET, wrap_language_model
 
@@ -20,12 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "source",
-        type=Path,
+        type=path_arg,
         metavar="SOURCE",
         help="a causal LM directory (config.json + weights) or a .gguf file",
     )
     parser.add_argument(
-        "--out", type=Path, required=True, metavar="DIR", help="new checkpoint directory"
+        "--out", type=path_arg, required=True, metavar="DIR", help="new checkpoint directory"
     )
     parser.add_argument(
         "--vision-from",
@@ -42,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_bounds(args, {"seed": SEED})
     report = wrap_language_model(
         args.source, args.out, vision_from=args.vision_from, seed=args.seed
     )

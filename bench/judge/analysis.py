@@ -23,6 +23,23 @@ PER_REQUEST = (
 )
 # The `modality` of one-off records taken before the timed rounds, in the summary.
 COLD_MODALITY = "before timing"
+SUMMARY_COLUMNS = (
+    "config",
+    "metric",
+    "module",
+    "modality",
+    "source",
+    "unit",
+    "n",
+    "n_missing",
+    "median",
+    "mean",
+    "iqr",
+    "p90",
+    "p99",
+    "rel_iqr",
+    "noisy",
+)
 # Metrics compared between configurations: lower is better for all of them.
 COMPARED: dict[str, str] = {
     "latency_mean_s": "latency",
@@ -121,7 +138,7 @@ def summary_table(samples: pd.DataFrame) -> pd.DataFrame:
                 "mean": row.value,
             }
         )
-    return pd.DataFrame.from_records(records)
+    return pd.DataFrame.from_records(records, columns=list(SUMMARY_COLUMNS))
 
 
 def paired_saving(table: pd.DataFrame, base: str, opt: str, seed: int = 0) -> DeltaEstimate | None:

@@ -50,6 +50,16 @@ class Preflight:
         return asdict(self)
 
 
+def check_fit(transforms: Sequence[TransformSpec], shape: ModelBundle) -> None:
+    """CompoundError when a transform does not fit the model's structure (a layer it lacks).
+
+    Works on a shape alone (a bundle on the meta device), so a bad parameter is refused
+    before a teacher is trained or real-scale weights are built.
+    """
+    for spec in transforms:
+        get_transform(spec.name, spec.params).validate_for(shape)
+
+
 def unmet_requirements(transforms: Sequence[TransformSpec], bundle: ModelBundle) -> dict[str, str]:
     """Transform name → why it cannot run here (CUDA, versions), for those that cannot.
 

@@ -8,6 +8,7 @@ in samples.jsonl before the next starts, so a killed run loses at most the block
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,10 +60,16 @@ def _receive(live: _Live, timeout: float) -> tuple:
 
 
 def _start(spec: RunSpec, index: int) -> _Live:
+    """Start one worker. It inherits SIGINT ignored (a disposition kept across exec), so a
+    Ctrl-C in the terminal reaches only the parent, which stops the workers quietly."""
     context = mp.get_context("spawn")
     parent, child = context.Pipe()
     process = context.Process(target=worker_main, args=(child, spec.to_dict(), index), daemon=True)
-    process.start()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     child.close()
     return _Live(spec.configurations[index].name, process, parent)
 
@@ -106,7 +113,7 @@ def run_rounds(spec: RunSpec, store: RunStore, progress: ProgressFn | None = Non
             except (TimeoutError, RuntimeError) as error:
                 message = ("error", str(error), "")
             if message[0] == "error":
-                store.record_failure(name, message[1], None)
+                store.record_failure(name, message[1], None, detail=message[2])
                 failed[name] = message[1]
                 say(f"{name} failed to start: {message[1]}")
                 _stop(worker)
@@ -152,7 +159,7 @@ def _rounds(
             except (TimeoutError, RuntimeError, BrokenPipeError, OSError) as error:
                 message = ("error", str(error), "")
             if message[0] == "error":
-                store.record_failure(name, message[1], round_index)
+                store.record_failure(name, message[1], round_index, detail=message[2])
                 failed[name] = message[1]
                 say(f"{name} failed in round {round_index}: {message[1]}")
                 _stop(live.pop(name))
