@@ -24,23 +24,33 @@ from models.presets import get_preset
 from models.teacher import ensure_trained
 
 DEFAULT_PLANTED = (0.01, 0.02, 0.05)
+DEFAULT_PROCESSES = 6
 
 
 def calibration_spec(
-    source: ModelSource, planted: tuple[float, ...], budget: float, requests: int, threads: int
+    source: ModelSource,
+    planted: tuple[float, ...],
+    budget: float,
+    requests: int,
+    threads: int,
+    processes: int = DEFAULT_PROCESSES,
+    start_method: str = "forkserver",
 ) -> RunSpec:
-    """A/A and planted copies of the baseline, timed until the budget is spent."""
+    """A/A and planted copies of the baseline, each in `processes` worker processes, until
+    `budget` timed seconds are spent in all (worker start-ups come on top)."""
     if any(not 0 < p < 1 for p in planted):
         raise CompoundError("--planted slowdowns must be fractions in (0, 1), e.g. 0.02")
     copies = [Configuration(planted_name(p), slowdown=p) for p in planted]
+    configurations = (Configuration(REFERENCE), Configuration(COPY), *copies)
     return RunSpec(
         source=source,
-        configurations=(Configuration(REFERENCE), Configuration(COPY), *copies),
+        configurations=configurations,
         workload=WorkloadSpec(requests_per_block=requests),
         protocol=Protocol(
-            min_rounds=10**6,
-            min_seconds=0.0,
-            max_seconds=budget,
+            min_rounds=2 * processes,
+            min_seconds=budget / len(configurations),
+            processes=processes,
+            start_method=start_method,
             threads=threads,
             module_pass_every=0,
         ),
@@ -66,7 +76,7 @@ def calibrate(
         with RunStore.create(directory, spec.to_dict(), environment) as store:
             run_rounds(spec, store, progress=lambda m: say(f"calibrating: {m}"))
             store.set_state("complete")
-            budget = float(spec.protocol.max_seconds or 0.0)
+            budget = float(spec.protocol.min_seconds * len(spec.configurations))
             samples = load_run(store.path).samples
             report = calibration_report(samples, planted, budget, source.device)
             if keep:

@@ -8,6 +8,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from core.errors import CompoundError
+from models.presets import get_preset
+from optimizations.registry import get_transform
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,19 @@ class Configuration:
 
 @dataclass(frozen=True)
 class Protocol:
-    """The run protocol: warm-up, then rounds until both minima (rounds, timed seconds) are met."""
+    """The run protocol: warm-up, then rounds until both minima (rounds, timed seconds) are met.
+
+    The minima are totals per configuration, split evenly over `processes` epochs: every
+    configuration's worker is restarted between epochs, so each is measured in that many
+    processes and the process offset enters every interval (`bench.judge.replicated`).
+    """
 
     warmup_requests: int = 3
     min_rounds: int = 10
-    min_seconds: float = 20.0  # timed seconds per configuration
+    min_seconds: float = 20.0  # timed seconds per configuration, over all its processes
+    processes: int = 1
+    min_block_seconds: float = 0.0  # a block serves its requests again until this long
+    start_method: str = "spawn"  # how workers start: "spawn" or "forkserver"
     max_seconds: float | None = None  # wall budget for the timed rounds; None = no cap
     threads: int = 2
     seed: int = 0
@@ -78,6 +88,12 @@ class Protocol:
     price_per_device_hour: float = 0.10
     grid_g_per_kwh: float = 475.0
     eval_examples: int = 2000  # held-out examples scored per configuration before timing
+    # Fixed before the run, never widened for noise: "compounds" needs the residual's interval
+    # inside ±margin (a fraction, 0.02 = 2 percentage points of saving); memory adds up when
+    # its residual lies within both ±memory_margin_mib and ±memory_margin_fraction of the base.
+    margin: float = 0.02
+    memory_margin_mib: float = 1.0
+    memory_margin_fraction: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -106,7 +122,9 @@ class RunSpec:
         `origin` (the file it came from) starts the error message.
         """
         try:
-            return _build(cls, data, "config")
+            spec = _build(cls, data, "config")
+            _check_stored(spec)
+            return spec
         except _Invalid as invalid:
             where = f"{origin}: " if origin else ""
             raise CompoundError(f"{where}{invalid}; fix it there or start a new run") from None
@@ -114,6 +132,80 @@ class RunSpec:
 
 class _Invalid(ValueError):
     """A stored value that does not fit its field; the message starts with the field path."""
+
+
+START_METHODS = ("spawn", "forkserver")
+# field → (lowest, highest) allowed in a stored run; None: unbounded on that side. The same
+# ranges the command line enforces (without its caps, which --no-limits may have lifted).
+_SEED = (0, 2**32 - 1)
+_RANGES: dict[str, dict[str, tuple[float | None, float | None]]] = {
+    "protocol": {
+        "warmup_requests": (0, None),
+        "min_rounds": (1, None),
+        "min_seconds": (0, None),
+        "processes": (1, None),
+        "min_block_seconds": (0, None),
+        "threads": (1, 1024),
+        "seed": _SEED,
+        "module_pass_every": (0, None),
+        "watts_per_core": (1e-9, 1000),
+        "price_per_device_hour": (0, 10_000),
+        "grid_g_per_kwh": (0, 2000),
+        "eval_examples": (0, None),
+        "margin": (1e-9, 1),
+        "memory_margin_mib": (0, None),
+        "memory_margin_fraction": (0, 1),
+    },
+    "workload": {
+        "requests_per_block": (1, None),
+        "image_fraction": (0, 1),
+        "new_tokens": (1, None),
+        "seed": _SEED,
+    },
+}
+
+
+def _check_stored(spec: RunSpec) -> None:
+    """Values a stored run may not hold even though their types fit (a hand-edited run.json)."""
+    for group, ranges in _RANGES.items():
+        values = getattr(spec, group)
+        for name, (low, high) in ranges.items():
+            value = getattr(values, name)
+            if (low is not None and value < low) or (high is not None and value > high):
+                allowed = f"at least {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+                raise _Invalid(f"config.{group}.{name} must be {allowed}, got {value!r}")
+    if spec.protocol.max_seconds is not None and spec.protocol.max_seconds <= 0:
+        raise _Invalid(f"config.protocol.max_seconds must be > 0, got {spec.protocol.max_seconds}")
+    if spec.protocol.start_method not in START_METHODS:
+        raise _Invalid(
+            f"config.protocol.start_method must be one of {', '.join(START_METHODS)}, "
+            f"got {spec.protocol.start_method!r}"
+        )
+    if not spec.configurations:
+        raise _Invalid("config.configurations is empty")
+    names = [c.name for c in spec.configurations]
+    if len(set(names)) != len(names):
+        raise _Invalid("config.configurations names a configuration twice")
+    _check_source(spec.source)
+    transforms = [*spec.transforms, *(t for c in spec.configurations for t in c.transforms)]
+    for transform in transforms:
+        try:
+            get_transform(transform.name, transform.params)
+        except CompoundError as error:
+            raise _Invalid(f"config.transforms: {error}") from None
+
+
+def _check_source(source: ModelSource) -> None:
+    if (source.preset is None) == (source.model_path is None):
+        raise _Invalid("config.source must name exactly one of preset and model_path")
+    if source.preset is not None:
+        try:
+            get_preset(source.preset)
+        except CompoundError as error:
+            raise _Invalid(f"config.source.preset: {error}") from None
+    device = source.device
+    if device != "cpu" and not (device == "cuda" or device.removeprefix("cuda:").isdigit()):
+        raise _Invalid(f"config.source.device must be cpu, cuda or cuda:N, got {device!r}")
 
 
 def _build(cls: type, data: Any, path: str) -> Any:

@@ -224,6 +224,7 @@ class RunStore:
         meta_path = path / RUN_JSON
         if not meta_path.is_file():
             raise CompoundError(f"{path} has no {RUN_JSON}; it is not a run directory")
+        _check_run_files(path)
         meta = _read_meta(meta_path)  # a broken run is refused before its lock file is made
         if not writer:
             return cls(path, meta, None)
@@ -612,6 +613,43 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
             f"{advice}"
         )
     return meta
+
+
+def _check_run_files(path: Path) -> None:
+    """The run's own files must be regular files (or absent): a FIFO would block a read forever,
+    and a directory or a link loop would fail only after the run's state had changed."""
+    for name in (RUN_JSON, SAMPLES_JSONL, LOCK_FILE, ERRORS_LOG):
+        target = path / name
+        if not os.path.lexists(target):
+            continue
+        try:
+            regular = stat.S_ISREG(os.stat(target).st_mode)
+        except OSError as error:
+            raise CompoundError(
+                f"{target} cannot be read ({error.strerror}); restore it or start a new run"
+            ) from None
+        if not regular:
+            raise CompoundError(f"{target} is not a regular file; restore it or start a new run")
+
+
+def live_writer(path: Path) -> str | None:
+    """'process <PID>' when a process holds the run's lock now, else None (reads only)."""
+    lock_path = path / LOCK_FILE
+    if not lock_path.is_file():
+        return None
+    try:
+        handle = open(lock_path, "rb")  # noqa: SIM115 (closed below, after the probe)
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _lock_holder(handle)
+        except OSError:
+            return None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 def _take_lock(path: Path, advice: str) -> BinaryIO:

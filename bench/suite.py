@@ -24,6 +24,7 @@ from bench.configuration import ModelSource, Protocol, RunSpec, TransformSpec, W
 from bench.designs import BASELINE, build_configurations
 from bench.judge import analysis
 from bench.judge.analysis import RunTables
+from bench.judge.busy import busy_summary
 from bench.judge.shares import module_shares
 from bench.judge.suite_verdict import judge
 from bench.measure.environment import collect_environment
@@ -35,13 +36,14 @@ from bench.store import RUN_JSON, RunStore, load_run
 from core.errors import CompoundError, RunInterrupted
 from core.jsonio import json_text
 from models.bundle import ModelBundle
-from models.checkpoint import build_bundle, cache_dir
+from models.checkpoint import build_bundle, cache_dir, check_cache_dir, checkpoint_path
 from models.presets import DEFAULT_PRESET, get_preset
 from models.teacher import ensure_trained
 from optimizations.registry import get_transform
 
 DEFAULT_TRANSFORMS = ("vision_sleep", "token_pruning", "fused_qkv")
 DEFAULT_DESIGNS = ("singles", "leave-one-out")
+DEFAULT_PROCESSES = 4
 
 Say = Callable[[str], None]
 
@@ -167,6 +169,7 @@ def resume(
     """
     stored = RunStore.open(results_dir, run_id)  # read-only: a broken run is refused untouched
     spec = RunSpec.from_dict(stored.config, str(stored.path / RUN_JSON))
+    check_available(spec.source)
     store = RunStore.open(results_dir, run_id, writer=True)
     suite = Suite(store, spec, repaired=store.repair() if repair else None)
     if "model" not in store.meta:  # killed before the model was described
@@ -174,6 +177,24 @@ def resume(
         for key, value in info.items():
             store.update_meta(key, value)
     return suite
+
+
+def check_available(source: ModelSource) -> None:
+    """A stored run's model must still be where it was: say so before anything changes."""
+    if source.model_path is not None:
+        if not Path(source.model_path).is_dir():
+            raise CompoundError(f"the run's model directory is gone: {source.model_path}")
+        return
+    preset = get_preset(str(source.preset))
+    if preset.cost_only:
+        return
+    cache = Path(str(source.cache_dir))
+    check_cache_dir(cache, writable=False)
+    if not checkpoint_path(preset, cache).exists():
+        raise CompoundError(
+            f"no trained checkpoint for preset {preset.name!r} in {cache}, where this run's "
+            f"model was; run `compound train --preset {preset.name} --cache-dir {cache}` first"
+        )
 
 
 def check(suite: Suite, say: Say = _quiet) -> None:
@@ -227,16 +248,16 @@ def analyse(store: RunStore, spec: RunSpec) -> RunTables:
     """Recompute every table and the verdict from the stored records; write them beside them."""
     loaded = load_run(store.path)
     samples = loaded.samples
-    seed = spec.protocol.seed
     summary = analysis.summary_table(samples)
     checks = {r["config"]: r for r in loaded.extras if r["kind"] == "preflight"}
     tables = RunTables(
         summary=summary,
         shares=module_shares(samples),
-        comparisons=analysis.comparisons(samples, BASELINE, seed=seed),
+        comparisons=analysis.comparisons(samples, BASELINE),
         flags=analysis.flags(samples, summary),
         failures=loaded.failures,
-        verdict=judge(samples, [t.name for t in spec.transforms], checks, seed=seed).to_dict(),
+        verdict=judge(samples, [t.name for t in spec.transforms], checks, spec.protocol).to_dict(),
+        busy=busy_summary(samples),
     )
     store.write_summary(summary)
     store.write_text("module_shares.csv", tables.shares.to_csv(index=False))
@@ -261,5 +282,6 @@ def json_report(store: RunStore, tables: RunTables) -> dict[str, Any]:
         "comparisons": tables.comparisons.to_dict(orient="records"),
         "verdict": tables.verdict,
         "flags": tables.flags,
+        "busy": tables.busy,
         "failures": tables.failures.to_dict(orient="records"),
     }

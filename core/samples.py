@@ -7,6 +7,13 @@ from typing import Any, Literal
 
 Source = Literal["measured", "estimated", "declared", "derived"]
 SOURCES: tuple[str, ...] = ("measured", "estimated", "declared", "derived")
+# The `extra` field naming the epoch (worker process) a sample was measured in.
+PROCESS_KEY = "process"
+
+
+def process_of(extra: object) -> int:
+    """The epoch of a sample's `extra`; runs from before replication had only epoch 0."""
+    return int(extra.get(PROCESS_KEY, 0)) if isinstance(extra, dict) else 0
 
 
 @dataclass

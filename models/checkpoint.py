@@ -207,7 +207,7 @@ def _not_regular(path: Path, mode: int, what: str) -> CompoundError:
     return CompoundError(f"{what} {path} must be a regular file, not a {kind}; replace it")
 
 
-def _require_regular_file(path: Path, what: str) -> None:
+def require_regular_file(path: Path, what: str) -> None:
     """Refuse a directory, FIFO or device before opening: a FIFO would block the read forever."""
     try:
         mode = path.stat().st_mode
@@ -219,7 +219,7 @@ def _require_regular_file(path: Path, what: str) -> None:
         raise _not_regular(path, mode, what)
 
 
-def _check_loaded_files(directory: Path) -> None:
+def check_loaded_files(directory: Path) -> None:
     """The files libraries will read must be regular: a FIFO (say, a weight shard) would block
     the load forever, and a directory fails deep inside a library."""
     try:
@@ -237,7 +237,7 @@ def _check_loaded_files(directory: Path) -> None:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    _require_regular_file(path, what)
+    require_regular_file(path, what)
     try:
         data = json.loads(path.read_text())
     except OSError as error:
@@ -403,7 +403,7 @@ def load_model_dir(
         )
     ours = os.path.lexists(directory / METADATA_FILE)
     metadata = _read_json(directory / METADATA_FILE, "checkpoint metadata") if ours else {}
-    _check_loaded_files(directory)
+    check_loaded_files(directory)
     # Config and tokenizer first: they fail quickly, and the tokenizer reads the config too.
     config = _load_config(directory, config_data)
     tokenizer = _load_tokenizer(directory, ours)

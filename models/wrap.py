@@ -31,8 +31,14 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from core.errors import CompoundError
+from core.paths import directory_problem
 from models.bundle import ModelBundle, count_parameters, prompt_format_for
-from models.checkpoint import TOKENIZER_FILES, save_checkpoint
+from models.checkpoint import (
+    TOKENIZER_FILES,
+    check_loaded_files,
+    require_regular_file,
+    save_checkpoint,
+)
 from models.presets import get_preset, llava_config
 from models.tokenizer import build_tokenizer
 
@@ -60,13 +66,17 @@ def _quiet_transformers():
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    problem = directory_problem(out, writable=True)
+    if problem:
+        raise CompoundError(f"--out {problem}")
+    if out.exists() and any(out.iterdir()):
         raise CompoundError(f"output directory {out} already exists and is not empty; pick another")
 
 
 def _source_location(source: Path) -> tuple[Path, dict[str, Any]]:
     """The directory transformers reads and its extra arguments (`gguf_file` for a GGUF file)."""
-    if source.is_file() and source.suffix == ".gguf":
+    if source.suffix == ".gguf" and not source.is_dir():
+        require_regular_file(source, "GGUF file")
         missing = [name for name in GGUF_PACKAGES if importlib.util.find_spec(name) is None]
         if missing:
             needed = " ".join(missing)
@@ -75,6 +85,8 @@ def _source_location(source: Path) -> tuple[Path, dict[str, Any]]:
     if not source.is_dir():
         raise CompoundError(f"language model source is not a directory or a .gguf file: {source}")
     config_path = source / "config.json"
+    require_regular_file(config_path, "model config")
+    check_loaded_files(source)
     try:
         model_type = json.loads(config_path.read_text()).get("model_type")
     except FileNotFoundError:

@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -134,6 +134,11 @@ NUMERIC_OPTIONS = [
     ("run", "--price-per-hour", "float", 0, 10_000, False),
     ("run", "--grid-intensity", "float", 0, 2000, False),
     ("run", "--image-fraction", "float", 0, 1, False),
+    ("run", "--processes", "int", 1, 200, False),
+    ("run", "--margin", "float", 0, 100, True),
+    ("run", "--memory-margin-mib", "float", 0, 1_000_000, False),
+    ("run", "--memory-margin-pct", "float", 0, 100, False),
+    ("calibrate", "--processes", "int", 2, 200, False),
     ("calibrate", "--budget", "float", 0, 3600, True),
     ("calibrate", "--requests", "int", 1, 256, False),
     ("calibrate", "--threads", "int", 1, 1024, False),
@@ -294,6 +299,8 @@ def test_path_cases(sandbox, capsys):
     fifo = sandbox / "fifo-model"
     fifo.mkdir()
     os.mkfifo(fifo / "config.json")
+    loop = sandbox / "loop"
+    loop.symlink_to(loop)
     cases = [
         ["run", "--preset", "tiny", "--results-dir", str(file)],
         ["run", "--preset", "tiny", "--results-dir", str(file / "below")],
@@ -313,6 +320,15 @@ def test_path_cases(sandbox, capsys):
         ["calibrate", "--model", str(sandbox / "missing")],
         ["wrap", str(file), "--out", str(sandbox / "w")],
         ["wrap", str(not_llava), "--out", str(file)],
+        ["models", "--cache-dir", str(file)],
+        ["run", "--preset", "tiny", "--results-dir", str(loop)],
+        ["run", "--preset", "tiny", "--cache-dir", str(loop / "below")],
+        ["run", "--preset", "tiny", "--results-dir", str(sandbox / ("x" * 300))],
+        ["run", "--preset", "tiny", "--results-dir", "/proc/compound-test"],
+        ["calibrate", "--preset", "tiny", "--results-dir", "/proc/compound-test"],
+        ["train", "--preset", "tiny", "--cache-dir", "/proc/compound-test"],
+        ["run", "--preset", "tiny", "--results-dir", str(sandbox), "--run-id", "a-file"],
+        ["run", "--preset", "tiny", "--results-dir", str(sandbox), "--run-id", "llama"],
     ]
     for argv in cases:
         assert_refused(capsys, sandbox, argv)
@@ -343,9 +359,77 @@ def test_resuming_a_damaged_run_is_one_line(sandbox, capsys, damage):
     assert_refused(capsys, sandbox, ["run", "--resume", "r", "--results-dir", "results"])
 
 
+def _set(path: str, value: object) -> Callable[[dict], None]:
+    def change(config: dict) -> None:
+        *parents, last = path.split(".")
+        target = config
+        for key in parents:
+            target = target[key]
+        target[last] = value
+
+    return change
+
+
+STORED_DAMAGE = {
+    "negative budget": _set("protocol.max_seconds", -5),
+    "negative requests": _set("workload.requests_per_block", -1),
+    "no configurations": _set("configurations", []),
+    "unknown preset": _set("source.preset", "nosuch"),
+    "cache gone": _set("source.cache_dir", "/nonexistent/cache"),
+    "unknown transform": lambda c: c["transforms"].append({"name": "nosuch", "params": {}}),
+    "unknown device": _set("source.device", "tpu"),
+    "zero processes": _set("protocol.processes", 0),
+    "margin above 100%": _set("protocol.margin", 5.0),
+}
+FILE_DAMAGE = ("samples.jsonl a FIFO", "samples.jsonl a directory", "samples.jsonl a link loop")
+FILE_DAMAGE += ("writer.lock a FIFO",)
+
+
+def _stored_run(results: Path, cache: Path) -> Path:
+    """A valid stored run of `tiny` (nothing measured yet) to damage."""
+    from bench import suite
+    from bench.configuration import Protocol, TransformSpec, WorkloadSpec
+    from bench.store import RunStore
+
+    source = suite.model_source("tiny", None, cache, "cpu")
+    spec = suite.plan(
+        source, (TransformSpec("fused_qkv"),), ("singles",), WorkloadSpec(), Protocol()
+    )
+    RunStore.create(results, spec.to_dict(), {}, "r").close()
+    return results / "r"
+
+
+@pytest.mark.parametrize("damage", [*STORED_DAMAGE, *FILE_DAMAGE])
+def test_resuming_a_run_with_damaged_values_or_files_is_one_line_and_changes_nothing(
+    sandbox, capsys, tiny_cache, damage
+):
+    run = _stored_run(sandbox / "results", tiny_cache)
+    meta_path = run / "run.json"
+    if damage in STORED_DAMAGE:
+        meta = json.loads(meta_path.read_text())
+        STORED_DAMAGE[damage](meta["config"])
+        meta_path.write_text(json.dumps(meta))
+    else:
+        name, kind = damage.split(" a ")
+        target = run / name
+        target.unlink(missing_ok=True)
+        if kind == "FIFO":
+            os.mkfifo(target)
+        elif kind == "directory":
+            target.mkdir()
+        else:
+            target.symlink_to(target)
+    before = meta_path.read_bytes()
+    line = assert_refused(capsys, sandbox, ["run", "--resume", "r", "--results-dir", "results"])
+    assert meta_path.read_bytes() == before, line  # refused before the state changed
+    if damage in STORED_DAMAGE and damage != "cache gone":
+        assert "config." in line, line  # names the field
+
+
 def test_at_least_two_hundred_bad_invocations_are_tried():
     generated = len(NUMERIC_OPTIONS) * 14  # max_examples per option
-    assert generated + len(BAD_PARAMS) + len(CASES) + 18 + 1 + 4 >= 200
+    paths = 27 + 1 + 4 + len(STORED_DAMAGE) + len(FILE_DAMAGE)
+    assert generated + len(BAD_PARAMS) + len(CASES) + paths >= 200
 
 
 if sys.platform != "linux":  # os.mkfifo and the alarm guard are POSIX; CI is Linux

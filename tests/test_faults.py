@@ -20,6 +20,7 @@ from bench.cli import main
 
 RUN = ["--preset", "tiny", "--transforms", "none", "--requests", "2", "--new-tokens", "2"]
 QUICK = ["--min-seconds", "0", "--threads", "1", "--eval-examples", "0", "--no-progress"]
+QUICK += ["--processes", "1"]
 
 
 def start_run(cache: Path, results: Path, run_id: str, rounds: int) -> subprocess.Popen:
@@ -79,7 +80,8 @@ def test_a_second_writer_on_a_live_run_is_refused_naming_the_holder(tiny_cache, 
             + ["--run-id", "live"]
         )
         err = capsys.readouterr().err.strip()
-        assert code == 2 and err.count("\n") == 0 and "already exists" in err, err
+        assert code == 2 and err.count("\n") == 0, err
+        assert f"being written by process {process.pid}" in err, err
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()

@@ -34,6 +34,8 @@ QUICK = [
     "0",
     "--threads",
     "1",
+    "--processes",
+    "2",
     "--no-progress",
 ]
 
@@ -58,7 +60,7 @@ def test_run_writes_the_store_with_shares_and_labelled_energy(tiny_cache, tmp_pa
     for name in ("run.json", "samples.jsonl", "summary.csv", "module_shares.csv"):
         assert (run_dir / name).exists(), name
     meta = json.loads((run_dir / "run.json").read_text())
-    assert meta["state"] == "complete" and meta["rounds"] == 3
+    assert meta["state"] == "complete" and meta["rounds"] == 4  # 2 processes × ⌈3/2⌉
     assert meta["environment"]["versions"]["torch"]
     assert set(meta["accuracy"]) == {"image", "text"}
     shares = [r["share"] for r in report["module_shares"] if r["config"] == "baseline"]
@@ -87,6 +89,8 @@ ROUNDS_TO_KILL = 60
 
 
 def test_killed_run_resumes_without_loss_or_duplication(tiny_cache, tmp_path):
+    """Killed just after the workers rotate to their second process: nothing lost or doubled,
+    and every block keeps the process it was measured in."""
     argv = [
         sys.executable,
         "-m",
@@ -95,6 +99,8 @@ def test_killed_run_resumes_without_loss_or_duplication(tiny_cache, tmp_path):
         *QUICK,
         "--min-rounds",
         str(ROUNDS_TO_KILL),
+        "--processes",
+        "3",
         "--cache-dir",
         str(tiny_cache),
         "--results-dir",
@@ -108,14 +114,14 @@ def test_killed_run_resumes_without_loss_or_duplication(tiny_cache, tmp_path):
     run_dir = tmp_path / "k"
     deadline = time.time() + 240
     while time.time() < deadline:
-        if (run_dir / "samples.jsonl").exists() and len(_blocks(run_dir)) >= 4:
-            break
+        if (run_dir / "samples.jsonl").exists() and ("baseline", -2) in _blocks(run_dir):
+            break  # the second process has started
         assert process.poll() is None, "run finished before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     before = _blocks(run_dir)
-    assert 4 <= len(before) < ROUNDS_TO_KILL + 1  # the cold record is block -1
+    assert ("baseline", -2) in before and ("baseline", -3) not in before
     assert json.loads((run_dir / "run.json").read_text())["state"] == "running"
 
     code = main(["run", "--resume", "k", "--results-dir", str(tmp_path), "--no-progress", "--json"])
@@ -124,6 +130,11 @@ def test_killed_run_resumes_without_loss_or_duplication(tiny_cache, tmp_path):
     assert after[: len(before)] == before, "completed blocks were lost or rewritten"
     assert len(after) == len(set(after)), "a block was stored twice"
     assert {b for c, b in after if b >= 0} == set(range(ROUNDS_TO_KILL))
+    assert {b for c, b in after if b < 0} >= {-1, -2, -3}  # a cold record per process
+    samples = load_run(run_dir).samples
+    rounds = samples[(samples.metric == "block_seconds") & (samples.block >= 0)]
+    per_process = rounds.groupby(rounds["extra"].map(lambda e: e["process"])).size()
+    assert per_process.to_dict() == {0: 20, 1: 20, 2: 20}
     assert json.loads((run_dir / "run.json").read_text())["state"] == "complete"
 
 
@@ -173,7 +184,7 @@ def test_a_worker_that_dies_mid_run_is_recorded_while_others_complete(tiny_cache
     assert {b for c, b in store.completed_blocks() if c == alive and b >= 0} == {0, 1, 2}
 
 
-def test_calibrate_reports_a_minimum_detectable_effect(tiny_cache, capsys):
+def test_calibrate_reports_process_noise_an_mde_and_the_planted_slowdown(tiny_cache, capsys):
     code = main(
         [
             "calibrate",
@@ -181,31 +192,34 @@ def test_calibrate_reports_a_minimum_detectable_effect(tiny_cache, capsys):
             "tiny",
             "--cache-dir",
             str(tiny_cache),
-            # Each configuration is one worker process, and identical processes differ by a
-            # few percent (A/A up to -4.2% here), which pairing by round cannot remove. So a
-            # planted 5% was missed now and then (+3.8% [-1.6, +8.4] and +1.8% [-4.6, +3.9] in
-            # two runs alone on 2 cores); 10% is twice that floor. Two threads per worker: with
-            # one, identical workers ended up to 11% apart.
+            # Identical processes differ by a few percent here (up to 11% with one thread), so
+            # a planted 25% is the size every process set resolves; two threads per worker.
             "--budget",
-            "10",
+            "12",
+            "--processes",
+            "3",
             "--requests",
             "8",
             "--threads",
             "2",
             "--planted",
-            "0.10",
+            "0.25",
             "--json",
         ]
     )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["device"] == "cpu" and report["budget_s"] == 10
-    assert report["rounds"] >= 2
-    assert report["mde_pct"] > 0
+    assert report["device"] == "cpu" and report["budget_s"] == 12
+    assert report["processes"] == 3 and report["rounds"] >= 6
+    assert report["interval_method"] == "jackknife over 3 processes, t(2)"
+    assert report["tau"] >= 0 and report["sigma"] > 0
+    assert report["mde_interaction_pct"] > report["mde_pct"] > 0  # 8/2 of the variance
+    assert report["worker_start_s"] > 0 and report["block_s"] > 0
+    assert {p["contrast"] for p in report["plans"]} == {"single", "interaction"}
     (planted,) = report["planted"]
-    assert planted["planted_slowdown"] == 0.10
-    # The planted 10% slowdown must be resolved, as a slowdown: its CI excludes zero on the
-    # slow side.
-    assert planted["detected"] is True, planted
-    assert planted["measured_slowdown"] > 0 and planted["ci"][0] > 0, planted
+    assert planted["planted_slowdown"] == 0.25
     assert planted["ci"][0] <= planted["measured_slowdown"] <= planted["ci"][1]
+    assert planted["covers"] == (planted["ci"][0] <= 0.25 <= planted["ci"][1])
+    assert planted["detected"] is True, planted
+    assert abs(planted["measured_slowdown"] - 0.25) < 0.1, planted
+    assert set(report["busy"]) >= {"busy", "message", "n_blocks"}

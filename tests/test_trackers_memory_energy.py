@@ -371,11 +371,12 @@ def test_nvml_zero_delta_is_nan_with_warning(fake_nvml: FakeNvml) -> None:
     assert math.isnan(sample.value) and "zero delta" in sample.extra["warning"]
 
 
-def test_nvml_short_window_warns_but_keeps_value(fake_nvml: FakeNvml) -> None:
+def test_nvml_short_window_is_excluded_keeping_the_raw_delta(fake_nvml: FakeNvml) -> None:
     with NvmlEnergyMeter(0).window() as w:
         fake_nvml.energy_mj += 40_000
-    assert w.joules == pytest.approx(40.0)
-    assert "badly quantised" in w.warning
+    assert math.isnan(w.joules)
+    assert w.extra["raw_joules"] == pytest.approx(40.0)
+    assert "quantised" in w.extra["excluded"] and "quantised" in w.warning
 
 
 def test_nvml_handle_follows_cuda_visible_devices(

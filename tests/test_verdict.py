@@ -1,36 +1,54 @@
-"""Known-answer tests for the verdict: planted multiplicative, super- and sub-multiplicative."""
+"""Known-answer tests for the verdict: planted multiplicative, super- and sub-multiplicative,
+inconclusive under noise, and plain words when the singles are not savings."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from bench.judge.replicated import Rounds
 from bench.judge.verdict import (
-    ADDITIVE,
-    BETTER_THAN_ADDITIVE,
     COMPOUNDS,
+    INCONCLUSIVE,
+    NOT_SAVINGS_DEARER,
     SUB_MULTIPLICATIVE,
     SUPER_MULTIPLICATIVE,
-    WORSE_THAN_ADDITIVE,
-    accuracy_verdict,
     metric_verdict,
 )
 
 SINGLES = {"a": 0.10, "b": 0.15}  # eq 4.2 predicts 23.5%
+PROCESSES, PER_PROCESS = 6, 5
 
 
-def blocks(stack_saving: float, n: int = 30, sd: float = 0.01, seed: int = 0, singles=SINGLES):
-    """Block values per configuration: shared per-round drift, 1% lognormal noise each."""
+def blocks(
+    stack_saving: float,
+    sd: float = 0.01,
+    tau: float = 0.002,
+    seed: int = 0,
+    singles: dict[str, float] = SINGLES,
+) -> Rounds:
+    """Block values: shared per-round drift, a per-process offset τ and round noise sd."""
     rng = np.random.default_rng(seed)
-    drift = rng.normal(0.0, 0.1, n)
+    epochs = np.repeat(np.arange(PROCESSES), PER_PROCESS)
+    drift = rng.normal(0.0, 0.1, epochs.size)
     savings = {"base": 0.0, **singles, "stack": stack_saving}
-    return {k: 50.0 * (1 - s) * np.exp(drift + rng.normal(0.0, sd, n)) for k, s in savings.items()}
+    table = {
+        k: 50.0
+        * (1 - s)
+        * np.exp(
+            drift + tau * rng.standard_normal(PROCESSES)[epochs] + rng.normal(0, sd, epochs.size)
+        )
+        for k, s in savings.items()
+    }
+    frame = pd.DataFrame(table)
+    return Rounds(frame, pd.Series(epochs, index=frame.index))
 
 
-def verdict(data, **kw):
-    return metric_verdict("latency_ms", "ms", data, "base", list(SINGLES), "stack", **kw)
+def verdict(rounds: Rounds, **kw):
+    return metric_verdict("latency_ms", "ms", rounds, "base", list(SINGLES), "stack", **kw)
 
 
 def test_exactly_multiplicative_compounds():
@@ -38,132 +56,86 @@ def test_exactly_multiplicative_compounds():
     assert row.word == COMPOUNDS
     assert row.predicted_independent.point == pytest.approx(0.235, abs=0.01)
     assert row.measured.point == pytest.approx(0.235, abs=0.01)
-    assert row.residual.lo < 0 < row.residual.hi
-    assert row.n_rounds == 30
-    assert row.note == ""  # 1% noise resolves a 23.5% saving: no caveat due
+    assert -0.02 < row.residual.lo < row.residual.hi < 0.02
+    assert row.interaction_ratio.lo < 1 < row.interaction_ratio.hi
+    assert row.residual.processes == PROCESSES and row.residual.rounds == 30
+    assert row.notes == []
+    assert "matches the product" in row.statement
 
 
 def test_extra_saving_is_super_multiplicative():
     row = verdict(blocks(0.235 + 0.05))
     assert row.word == SUPER_MULTIPLICATIVE
     assert row.residual.point == pytest.approx(0.05, abs=0.01)
-    assert row.residual.lo > 0
+    assert row.interaction_ratio.point == pytest.approx(0.715 / 0.765, abs=0.01)
+    assert "savings amplify" in row.statement
 
 
 def test_shortfall_is_sub_multiplicative():
     row = verdict(blocks(0.235 - 0.05))
     assert row.word == SUB_MULTIPLICATIVE
-    assert row.residual.point == pytest.approx(-0.05, abs=0.01)
     assert row.residual.hi < 0
 
 
 def test_missing_rounds_dropped_across_all_configs():
-    data = blocks(0.235 + 0.05)
-    data["a"][[0, 3]] = np.nan
-    data["stack"][7] = np.nan
-    data["unrelated"] = np.full(30, np.nan)  # not part of this verdict: must not drop rounds
-    row = verdict(data)
-    assert row.n_rounds == 27
+    rounds = blocks(0.235 + 0.05)
+    rounds.table.loc[[0, 3], "a"] = np.nan
+    rounds.table.loc[7, "stack"] = np.nan
+    rounds.table["unrelated"] = np.nan  # not part of this verdict: must not drop rounds
+    row = verdict(rounds)
+    assert row.residual.rounds == 27
     assert row.word == SUPER_MULTIPLICATIVE
 
 
-def test_weak_evidence_is_said_plainly():
-    """1% singles under 10% noise: the word is "compounds" but only as "cannot tell"."""
-    data = blocks(0.0199, sd=0.10, singles={"a": 0.01, "b": 0.01})
-    row = metric_verdict("energy_j", "J", data, "base", ["a", "b"], "stack")
-    assert row.word == COMPOUNDS
-    assert "not distinguishable" in row.note
+def test_noise_gives_inconclusive_never_compounds():
+    """1% singles under 10% round noise and 3% process offsets: the data cannot tell."""
+    rounds = blocks(0.0199, sd=0.10, tau=0.03, singles={"a": 0.01, "b": 0.01})
+    row = metric_verdict("energy_j", "J", rounds, "base", ["a", "b"], "stack")
+    assert row.word == INCONCLUSIVE
+    assert row.margin_needed > row.margin
+    assert "would have been needed" in row.statement
 
 
-def test_unresolved_stack_is_said_plainly():
-    """No planted saving at all under 5% noise: the stack's own CI straddles 0."""
-    data = blocks(0.0, sd=0.05, singles={"a": 0.0, "b": 0.0})
-    row = metric_verdict("energy_j", "J", data, "base", ["a", "b"], "stack")
-    assert row.word == COMPOUNDS
-    assert row.measured.lo < 0 < row.measured.hi
-    assert "not resolved" in row.note
+def test_a_wider_margin_fixed_beforehand_can_accept_what_a_narrow_one_cannot():
+    rounds = blocks(0.235, sd=0.03, tau=0.01)
+    wide = verdict(rounds, margin=0.20)
+    narrow = verdict(rounds, margin=0.001)
+    assert wide.word == COMPOUNDS and narrow.word == INCONCLUSIVE
+
+
+def test_regressions_get_plain_words():
+    rounds = blocks(-0.30, singles={"a": -0.10, "b": -0.08})  # product: −18.8%
+    row = metric_verdict("latency_ms", "ms", rounds, "base", ["a", "b"], "stack")
+    assert row.word == NOT_SAVINGS_DEARER
+    assert "all 2 singles are regressions" in row.statement and "more than" in row.statement
+    assert "multiplicative" not in row.word
 
 
 def test_hierarchical_prediction_outside_ci_noted_and_json():
-    row = verdict(blocks(0.235), predicted_hierarchical=0.12)
-    assert row.predicted_hierarchical == 0.12
-    assert "hierarchical" in row.note
+    rounds = blocks(0.235)
+    hierarchical = verdict(rounds).measured.mapped(lambda v: v - 0.1, increasing=True)
+    row = verdict(rounds, predicted_hierarchical=hierarchical)
+    assert any("hierarchical" in note for note in row.notes)
     d = json.loads(json.dumps(row.to_dict(), allow_nan=False))
     assert d["word"] == COMPOUNDS
-    assert set(d["measured"]) == {"point", "lo", "hi"}
-    assert d["residual"]["lo"] < 0 < d["residual"]["hi"]
+    assert {"point", "lo", "hi", "processes", "method"} <= set(d["measured"])
+    assert d["predicted_hierarchical"]["point"] == pytest.approx(hierarchical.point)
 
 
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (lambda d: d.pop("b"), "no values"),
-        (lambda d: d["base"].__setitem__(0, 0.0), "> 0"),
+        (lambda t: t.__delitem__("b"), "no values"),
+        (lambda t: t.__setitem__("base", t["base"].where(t.index != 0, 0.0)), "> 0"),
     ],
 )
 def test_bad_input_rejected(change, match):
-    data = blocks(0.235)
-    change(data)
+    rounds = blocks(0.235)
+    change(rounds.table)
     with pytest.raises(ValueError, match=match):
-        verdict(data)
+        verdict(rounds)
 
 
 def test_stack_listed_as_single_rejected():
     with pytest.raises(ValueError, match="distinct"):
         metric_verdict("m", "ms", blocks(0.235), "base", ["a", "stack"], "stack")
-
-
-# --- accuracy ------------------------------------------------------------------------------
-
-
-def correctness(stack_extra_wrong: int, n: int = 2000):
-    """Baseline right on 1600; a and b each break 40 disjoint examples; the stack breaks both
-    sets plus `stack_extra_wrong` more (negative: it keeps some of b's losses right)."""
-    base = np.zeros(n, dtype=bool)
-    base[:1600] = True
-    a, b = base.copy(), base.copy()
-    a[0:40] = False
-    b[40:80] = False
-    stack = a & b
-    if stack_extra_wrong > 0:
-        stack[80 : 80 + stack_extra_wrong] = False
-    else:
-        stack[40 : 40 - stack_extra_wrong] = True
-    return {"base": base, "a": a, "b": b, "stack": stack}
-
-
-def accuracy(data):
-    return accuracy_verdict(data, "base", ["a", "b"], "stack")
-
-
-def test_accuracy_additive():
-    v = accuracy(correctness(0))
-    assert v.word == ADDITIVE
-    assert v.stacked_drop.point == pytest.approx(0.04)
-    assert v.sum_single_drops.point == pytest.approx(0.04)
-    assert v.difference.point == pytest.approx(0.0)
-    assert v.n_examples == 2000
-    assert v.stacked_drop.lo < 0.04 < v.stacked_drop.hi
-
-
-def test_accuracy_worse_than_additive():
-    v = accuracy(correctness(60))
-    assert v.word == WORSE_THAN_ADDITIVE
-    assert v.difference.point == pytest.approx(0.03)
-    assert v.difference.lo > 0
-
-
-def test_accuracy_better_than_additive():
-    v = accuracy(correctness(-30))
-    assert v.word == BETTER_THAN_ADDITIVE
-    assert v.difference.point == pytest.approx(-0.015)
-    assert v.difference.hi < 0
-    json.dumps(v.to_dict(), allow_nan=False)
-
-
-def test_accuracy_identical_outputs_noted():
-    same = np.r_[np.ones(90, dtype=bool), np.zeros(10, dtype=bool)]
-    v = accuracy({"base": same, "a": same, "b": same, "stack": same})
-    assert v.word == ADDITIVE
-    assert (v.difference.lo, v.difference.hi) == (0.0, 0.0)
-    assert "zero-width" in v.note

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import suite
-from bench.calibration import DEFAULT_PLANTED, calibrate, calibration_spec
+from bench.calibration import DEFAULT_PLANTED, DEFAULT_PROCESSES, calibrate, calibration_spec
 from bench.commands.common import (
     HOURS,
     Bound,
@@ -27,12 +27,14 @@ from bench.commands.common import (
     positive_int,
     print_json,
 )
+from bench.configuration import START_METHODS
 from core.errors import CompoundError
 from core.paths import directory_problem
 
 BOUNDS = {
     "budget": Bound(low=0, low_open=True, cap=3600, why=HOURS),
     "requests": Bound(low=1, cap=256, why=HOURS),
+    "processes": Bound(low=2, cap=200, why=HOURS),
     "threads": Bound(low=1, high=1024),
 }
 
@@ -45,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=finite_float,
         default=120.0,
         metavar="SECONDS",
-        help="time budget for the timed rounds (default 120)",
+        help="timed seconds over all configurations and processes (default 120; worker "
+        "start-ups come on top)",
     )
     parser.add_argument(
         "--planted",
@@ -56,7 +59,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="known slowdowns to plant (repeatable; default 0.01 0.02 0.05)",
     )
     parser.add_argument("--requests", type=positive_int, default=4, help="requests per block")
+    parser.add_argument(
+        "--processes",
+        type=positive_int,
+        default=DEFAULT_PROCESSES,
+        metavar="P",
+        help=f"worker processes per configuration (default {DEFAULT_PROCESSES}; at least 2, "
+        "so the variance between processes is measured)",
+    )
     parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument(
+        "--start-method",
+        choices=START_METHODS,
+        default="forkserver",
+        help="how worker processes start (see `compound run --help`)",
+    )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument(
         "--results-dir",
@@ -80,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
         args.preset, args.model, args.cache_dir, args.device, trained=args.trained
     )
     threads = args.threads or torch.get_num_threads()
-    spec = calibration_spec(source, planted, args.budget, args.requests, threads)
+    spec = calibration_spec(
+        source, planted, args.budget, args.requests, threads, args.processes, args.start_method
+    )
     console = Console(stderr=True, quiet=args.json)
     with console.status("calibrating") as status:
         report = calibrate(
@@ -95,25 +114,42 @@ def run(args: argparse.Namespace) -> int:
 
 def _print(report: dict[str, Any]) -> None:
     console = Console()
+    if report["busy"]["message"]:
+        console.print(report["busy"]["message"], style="bold red")
     console.print(
-        f"calibration on {report['device']}, {report['budget_s']:.0f} s budget, "
-        f"{report['rounds']} paired rounds"
+        f"calibration on {report['device']}, {report['budget_s']:.0f} s timed, "
+        f"{report['processes']} processes × {report['rounds_per_process']:.1f} rounds each"
     )
     console.print(
+        f"process SD τ {report['tau']:.2%}, round SD σ {report['sigma']:.2%} (log scale); "
         f"A/A: Δ {report['aa_delta']:+.2%} [{report['aa_ci'][0]:+.2%}, "
-        f"{report['aa_ci'][1]:+.2%}]; per-round log-ratio sd {report['log_ratio_sd']:.2%}"
+        f"{report['aa_ci'][1]:+.2%}]"
     )
     console.print(
-        f"minimum detectable effect: {report['mde_pct']:.2f}%  ({report['mde_definition']})"
+        f"minimum detectable effect: {report['mde_pct']:.2f}% for one transform, "
+        f"{report['mde_interaction_pct']:.2f}% for an interaction ({report['mde_definition']})"
     )
     table = Table(title="planted slowdowns")
-    for column in ("planted", "measured", "95% CI", "detected"):
+    for column in ("planted", "measured", "95% CI", "covers the truth", "detected"):
         table.add_column(column)
     for row in report["planted"]:
         table.add_row(
             f"{row['planted_slowdown']:.1%}",
             f"{row['measured_slowdown']:+.2%}",
             f"[{row['ci'][0]:+.2%}, {row['ci'][1]:+.2%}]",
+            "yes" if row["covers"] else "NO",
             "yes" if row["detected"] else "no",
         )
     console.print(table)
+    plans = Table(title="what a given MDE would take here (per configuration)")
+    for column in ("contrast", "target MDE", "processes", "rounds each", "seconds"):
+        plans.add_column(column)
+    for plan in report["plans"]:
+        plans.add_row(
+            plan["contrast"],
+            f"{plan['target']:.0%}",
+            str(plan["processes"] or "out of reach"),
+            str(plan["rounds_per_process"]),
+            "-" if plan["seconds"] is None else f"{plan['seconds']:.0f}",
+        )
+    console.print(plans)

@@ -177,12 +177,16 @@ def _param_value(text: str) -> Any:
 
 def parse_transforms(names: str, assignments: list[str] | None) -> tuple[TransformSpec, ...]:
     """`a,b` plus `--param a.key=value` flags → validated TransformSpecs, in the order given;
-    `none` (or nothing) is no transforms."""
-    if names.strip().lower() in ("", "none"):
+    `none` is no transforms."""
+    if names.strip().lower() == "none":
         if assignments:
             raise CompoundError("--param given, but --transforms is none")
         return ()
     ordered = [n.strip() for n in names.split(",") if n.strip()]
+    if not ordered:
+        raise CompoundError(
+            f"--transforms {names!r} names no transform; list them (a,b,...) or say 'none'"
+        )
     params: dict[str, dict[str, Any]] = {name: {} for name in ordered}
     for assignment in assignments or []:
         target, _, value = assignment.partition("=")

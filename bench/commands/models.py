@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.commands.common import add_cache_arg, add_json_arg, print_json
-from models.checkpoint import build_bundle, cache_dir, checkpoint_path
+from models.checkpoint import build_bundle, cache_dir, check_cache_dir, checkpoint_path
 from models.presets import PRESETS
 
 
@@ -39,7 +39,9 @@ def rows(cache) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    listing = rows(cache_dir(args.cache_dir))
+    cache = cache_dir(args.cache_dir)
+    check_cache_dir(cache, writable=False)
+    listing = rows(cache)
     if args.json:
         print_json({"presets": listing})
         return 0

@@ -28,10 +28,10 @@ from bench.commands.common import (
     positive_int,
     print_json,
 )
-from bench.configuration import Protocol, RunSpec, WorkloadSpec
+from bench.configuration import START_METHODS, Protocol, RunSpec, WorkloadSpec
 from bench.designs import DESIGNS, parse_designs
 from bench.report.terminal import render_run
-from bench.store import RUN_JSON, check_run_id
+from bench.store import RUN_JSON, check_run_id, live_writer
 from core.errors import CompoundError
 from core.paths import directory_problem
 
@@ -42,6 +42,10 @@ BOUNDS: dict[str, Bound] = {
     "new_tokens": Bound(low=1, cap=512, why=HOURS),
     "min_rounds": Bound(low=1, cap=10_000, why=HOURS),
     "min_seconds": Bound(low=0, cap=3600, why=HOURS),
+    "processes": Bound(low=1, cap=200, why=HOURS),
+    "margin": Bound(low=0, low_open=True, high=100, why="percentage points of saving"),
+    "memory_margin_mib": Bound(low=0, high=1_000_000, why="MiB"),
+    "memory_margin_pct": Bound(low=0, high=100, why="percent of the baseline's memory"),
     "budget": Bound(low=0, low_open=True, cap=6 * 3600, why=HOURS),
     "eval_examples": Bound(low=0, cap=20_000, why=HOURS),
     "watts_per_core": Bound(low=0, low_open=True, high=1000, why="no CPU core draws a kilowatt"),
@@ -116,6 +120,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="tokens generated per request (fixed work)",
     )
     parser.add_argument("--min-rounds", type=positive_int, default=10)
+    parser.add_argument(
+        "--processes",
+        type=positive_int,
+        default=suite.DEFAULT_PROCESSES,
+        metavar="P",
+        help="worker processes per configuration, one after another; every interval includes "
+        f"the variance between processes (default {suite.DEFAULT_PROCESSES}; 1: rounds only)",
+    )
+    parser.add_argument(
+        "--start-method",
+        choices=START_METHODS,
+        default="forkserver",
+        help="how worker processes start: forkserver (forked from a server that imported torch "
+        "once; the default) or spawn (a fresh interpreter each)",
+    )
+    parser.add_argument(
+        "--margin",
+        type=finite_float,
+        default=2.0,
+        metavar="PP",
+        help="equivalence margin in percentage points: 'compounds' only when the residual's "
+        "interval lies within ±PP (default 2; fixed before the run)",
+    )
+    parser.add_argument(
+        "--memory-margin-mib",
+        type=finite_float,
+        default=1.0,
+        metavar="MIB",
+        help="memory savings 'add up' only within ±MIB and ±--memory-margin-pct (default 1)",
+    )
+    parser.add_argument(
+        "--memory-margin-pct",
+        type=finite_float,
+        default=1.0,
+        metavar="PCT",
+        help="memory margin as a percent of the baseline's peak (default 1)",
+    )
     for flag, default, help_text in (
         ("--min-seconds", 20.0, "minimum timed seconds per configuration"),
         ("--watts-per-core", 7.5, "CPU energy estimate when no RAPL/NVML counter is readable"),
@@ -160,11 +201,26 @@ def check_output(args: argparse.Namespace) -> None:
         raise CompoundError(f"--results-dir {problem}")
     if args.run_id is not None:
         check_run_id(args.run_id)
-        if (args.results_dir / args.run_id / RUN_JSON).exists():
+        target = args.results_dir / args.run_id
+        if (target / RUN_JSON).exists():
+            writer = live_writer(target)
+            if writer:
+                raise CompoundError(
+                    f"run {args.run_id!r} in {args.results_dir} is being written by {writer} "
+                    "(still running); wait for it or pick another --run-id"
+                )
             raise CompoundError(
                 f"run {args.run_id!r} already exists in {args.results_dir}; continue it with "
                 f"--resume {args.run_id} or pick another --run-id"
             )
+        if target.is_symlink() or (target.exists() and not _empty_directory(target)):
+            raise CompoundError(
+                f"{target} already exists and is not a compound-bench run; pick another --run-id"
+            )
+
+
+def _empty_directory(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
 
 
 def check_resume(args: argparse.Namespace) -> None:
@@ -192,6 +248,9 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
     protocol = Protocol(
         min_rounds=args.min_rounds,
         min_seconds=args.min_seconds,
+        processes=args.processes,
+        start_method=args.start_method,
+        min_block_seconds=1.0 if source.device.startswith("cuda") else 0.0,
         max_seconds=args.budget,
         threads=args.threads or torch.get_num_threads(),
         seed=args.seed,
@@ -199,6 +258,9 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         price_per_device_hour=args.price_per_hour,
         grid_g_per_kwh=args.grid_intensity,
         eval_examples=args.eval_examples,
+        margin=args.margin / 100,
+        memory_margin_mib=args.memory_margin_mib,
+        memory_margin_fraction=args.memory_margin_pct / 100,
     )
     workload = WorkloadSpec(
         requests_per_block=args.requests,

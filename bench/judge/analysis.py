@@ -6,13 +6,15 @@ samples.jsonl alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from bench.judge.stats import DeltaEstimate, paired_delta, summarize
+from bench.judge.replicated import Estimate, Rounds, saving
+from bench.judge.stats import summarize
+from core.samples import process_of
 
 # Metrics recorded once per request; a block's value is their mean (the mixed workload is
 # bimodal, image vs text, so a per-block median would jump between the two modes).
@@ -39,6 +41,7 @@ SUMMARY_COLUMNS = (
     "p99",
     "rel_iqr",
     "noisy",
+    "tail",
 )
 # Metrics compared between configurations: lower is better for all of them.
 COMPARED: dict[str, str] = {
@@ -48,6 +51,8 @@ COMPARED: dict[str, str] = {
     "peak_allocated_bytes": "peak memory (GPU)",
     "cost_usd_per_1k": "cost",
 }
+# Fixed per process: one value per process (its peak), never one per round.
+PER_PROCESS = ("peak_rss_bytes", "peak_allocated_bytes")
 
 
 @dataclass
@@ -60,6 +65,7 @@ class RunTables:
     flags: list[str]
     failures: pd.DataFrame
     verdict: dict[str, Any]
+    busy: dict[str, Any] = field(default_factory=dict)  # `judge.busy.busy_summary`
 
 
 def timed(samples: pd.DataFrame) -> pd.DataFrame:
@@ -118,56 +124,90 @@ def summary_table(samples: pd.DataFrame) -> pd.DataFrame:
                 p99=s.p99,
                 rel_iqr=s.rel_iqr,
                 noisy=s.noisy,
+                tail=bool(abs(s.mean - s.median) > s.iqr),
             )
         records.append(record)
-    # One-off records taken before the timed rounds: the cold first call, and what transforms
-    # report once (bytes a sleeping encoder frees).
+    # One-off records taken before the timed rounds (one per process): the cold first call,
+    # the worker's start-up, and what transforms report once (bytes a sleeping encoder frees).
     cold = samples[samples["block"] < 0]
-    for row in cold.itertuples():
+    for (config, metric, module, source, unit), group in cold.groupby(
+        ["config", "metric", "module", "source", "unit"], sort=True
+    ):
+        values = group["value"].to_numpy(dtype=float)
         records.append(
             {
-                "config": row.config,
-                "metric": row.metric,
-                "module": row.module,
+                "config": config,
+                "metric": metric,
+                "module": module,
                 "modality": COLD_MODALITY,
-                "source": row.source,
-                "unit": row.unit,
-                "n": 1,
-                "n_missing": 0,
-                "median": row.value,
-                "mean": row.value,
+                "source": source,
+                "unit": unit,
+                "n": len(values),
+                "n_missing": int(np.isnan(values).sum()),
+                "median": float(np.nanmedian(values)) if np.isfinite(values).any() else np.nan,
+                "mean": float(np.nanmean(values)) if np.isfinite(values).any() else np.nan,
             }
         )
     return pd.DataFrame.from_records(records, columns=list(SUMMARY_COLUMNS))
 
 
-def paired_saving(table: pd.DataFrame, base: str, opt: str, seed: int = 0) -> DeltaEstimate | None:
-    """Δ of `opt` against `base` (columns of a `block_values` table) over the rounds both have;
-    None when fewer than two such rounds exist or a value is not positive.
+def rounds_of(samples: pd.DataFrame, metric: str, module: str = "total") -> Rounds:
+    """Per-round values of `metric` with the epoch (process) of every round."""
+    table = block_values(samples, metric, module)
+    return Rounds(table, epochs_of(samples).reindex(table.index).fillna(0).astype(int))
 
-    The one estimator of one configuration against another: comparisons.csv, the verdict's
-    measured stack, leave-one-out and the A/A control all come from it (`stats.paired_delta`).
+
+def epochs_of(samples: pd.DataFrame) -> pd.Series:
+    """round → the epoch (process) it was measured in (all configurations share it)."""
+    blocks = timed(samples)
+    epochs = pd.Series([process_of(e) for e in blocks["extra"]], index=blocks["block"].to_numpy())
+    return epochs.groupby(level=0).max()
+
+
+def process_table(samples: pd.DataFrame, metric: str) -> Rounds:
+    """One value per process (its peak): rows are epochs, each its own resampled unit."""
+    rows = timed(samples)
+    rows = rows[(rows["metric"] == metric) & (rows["module"] == "total")]
+    if rows.empty:
+        return Rounds(pd.DataFrame(), pd.Series(dtype=int))
+    frame = rows.assign(epoch=[process_of(e) for e in rows["extra"]])
+    table = frame.pivot_table(index="epoch", columns="config", values="value", aggfunc="max")
+    return Rounds(table, pd.Series(table.index, index=table.index))
+
+
+def paired_saving(rounds: Rounds, base: str, opt: str) -> Estimate | None:
+    """Δ of `opt` against `base` over the rounds both have, its interval including the
+    variance between processes; None when fewer than two such rounds exist or a value is
+    not positive.
+
+    The one estimator of one configuration against another: comparisons.csv, the verdict,
+    leave-one-out and the A/A control all come from it (`replicated.saving`).
     """
-    if base not in table or opt not in table:
+    if base not in rounds.table or opt not in rounds.table:
         return None
-    pair = table[[base, opt]].dropna()
-    if len(pair) < 2 or (pair <= 0).to_numpy().any():
+    pair = rounds.select([base, opt])
+    if len(pair.table) < 2 or (pair.table <= 0).to_numpy().any():
         return None
-    return paired_delta(pair[base].to_numpy(), pair[opt].to_numpy(), seed=seed)
+    return saving(pair, base, opt)
 
 
-def comparisons(samples: pd.DataFrame, baseline: str, seed: int = 0) -> pd.DataFrame:
-    """Δ = (base − opt)/base per configuration and compared metric, with a paired bootstrap CI."""
+def metric_rounds(samples: pd.DataFrame, metric: str) -> Rounds:
+    """Per-round values, or per-process ones for a quantity fixed per process."""
+    return process_table(samples, metric) if metric in PER_PROCESS else rounds_of(samples, metric)
+
+
+def comparisons(samples: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Δ = (base − opt)/base per configuration and compared metric, with its interval."""
     records = []
     for metric, label in COMPARED.items():
-        table = block_values(samples, metric)
-        if table.empty or baseline not in table:
+        rounds = metric_rounds(samples, metric)
+        if rounds.table.empty or baseline not in rounds.table:
             continue
         sources = sorted(set(timed(samples).query("metric == @metric")["source"]))
-        for config in table.columns:
+        for config in rounds.table.columns:
             if config == baseline:
                 continue
-            estimate = paired_saving(table, baseline, config, seed)
+            estimate = paired_saving(rounds, baseline, config)
             if estimate is None:
                 continue
             records.append(
@@ -178,7 +218,9 @@ def comparisons(samples: pd.DataFrame, baseline: str, seed: int = 0) -> pd.DataF
                     "delta": estimate.point,
                     "lo": estimate.lo,
                     "hi": estimate.hi,
-                    "rounds": estimate.n_pairs,
+                    "rounds": estimate.rounds,
+                    "processes": estimate.processes,
+                    "interval": estimate.method,
                     "source": "/".join(sources),
                 }
             )
@@ -199,11 +241,21 @@ def flags(samples: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
             )
     energy = timed(samples)[timed(samples)["metric"] == "energy_j"]
     missing = energy[~np.isfinite(energy["value"].astype(float))]
-    if len(missing):
-        found.append(f"energy: {len(missing)} window(s) read zero or failed (kept as missing)")
+    excluded = [e for e in missing["extra"] if isinstance(e, dict) and e.get("excluded")]
+    if excluded:
+        found.append(
+            f"energy: {len(excluded)} window(s) excluded as too short to read "
+            f"({excluded[0]['excluded']})"
+        )
+    if len(missing) > len(excluded):
+        found.append(
+            f"energy: {len(missing) - len(excluded)} window(s) read zero or failed "
+            "(kept as missing)"
+        )
     drifted = [e for e in energy["extra"] if isinstance(e, dict) and e.get("drifted")]
     if drifted:
         found.append(f"gpu drift: SM clock or temperature drifted in {len(drifted)} block(s)")
+    found += tail_flags(summary)
     overhead = timed(samples)[timed(samples)["metric"] == "hook_overhead"]["value"]
     if len(overhead) and float(np.median(overhead)) > 0.02:
         found.append(
@@ -211,3 +263,21 @@ def flags(samples: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
             "> 2% (shares still exclude nothing; end-to-end timings are hook-free)"
         )
     return found
+
+
+def tail_flags(summary: pd.DataFrame) -> list[str]:
+    """Where mean and median disagree by more than the IQR, the median hides a tail."""
+    if "mean" not in summary:
+        return []
+    rows = summary[
+        summary["metric"].isin(["latency_mean_s", "latency_e2e_s"])
+        & (summary["module"] == "total")
+        & (summary["modality"] != COLD_MODALITY)
+    ]
+    tailed = rows[rows["tail"].fillna(False).astype(bool)]
+    return [
+        f"tail: {row.config} {row.metric}"
+        + ("" if row.modality == "all" else f" {row.modality} requests")
+        + f": mean {row.mean:.4g} vs median {row.median:.4g} (IQR {row.iqr:.3g}, p90 {row.p90:.4g})"
+        for row in tailed.itertuples()
+    ]

@@ -1,11 +1,14 @@
 """The suite's verdict, from stored samples: do the transforms' savings compound?
 
-Per metric (latency, energy, peak memory, cost): the measured stack's saving with its CI, the
-eq 4.2 prediction from the singles, the hierarchical prediction from module shares and local
-savings (time-based metrics only), the residual and one word judged by the residual's interval
-(`bench.judge.verdict`). Around it: accuracy (stacked loss vs the sum of single losses), the
-leave-one-out table (each transform's saving alone vs added last to the stack), and, from a
-factorial design, a verdict per pair.
+- Latency (and GPU energy, when measured): the stack's saving against eq 4.2 from the singles,
+  the hierarchical prediction from every module's time (`bench.judge.verdict`), one word each.
+- Estimated CPU energy and derived cost are shown, labelled, without a word: they are latency
+  times a constant, so a word would repeat latency's.
+- Peak memory: bytes freed against the singles' sum, per process (`bench.judge.memory`).
+- Accuracy: exact paired tests on the scored examples (`bench.judge.accuracy`).
+- Leave-one-out and pair rows, with intervals for their differences; the rows are one
+  correlated family, with Holm-adjusted p-values beside them.
+- The process-level and round-level SDs (τ, σ) of the run.
 
 Only configurations that were measured count: a transform whose single was skipped, rejected
 or failed is left out, and the verdict is over the stack of the others when that stack exists.
@@ -13,8 +16,7 @@ or failed is left out, and the verdict is over the stack of the others when that
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from typing import Any
@@ -22,20 +24,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.configuration import Protocol
 from bench.designs import AA_CONTROL, BASELINE, config_name
-from bench.judge.analysis import block_values, paired_saving, timed
-from bench.judge.formulas import compound_hierarchical
-from bench.judge.shares import module_seconds, shares_of
-from bench.judge.verdict import COMPOUNDS, accuracy_verdict, metric_verdict
-from core.errors import CompoundError
+from bench.judge.accuracy import accuracy_verdict
+from bench.judge.analysis import epochs_of, paired_saving, process_table, rounds_of, timed
+from bench.judge.memory import memory_verdict
+from bench.judge.replicated import Estimate, Rounds, estimate, saving_from_log, variance_components
+from bench.judge.shares import OTHER
+from bench.judge.verdict import metric_verdict
 
-# label → candidate metrics (the first one measured is used), and whether time shares apply.
-VERDICT_METRICS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
-    ("latency", ("latency_mean_s",), True),
-    ("energy", ("energy_j",), False),
-    ("peak memory", ("peak_allocated_bytes", "peak_rss_bytes"), False),
-    ("cost", ("cost_usd_per_1k",), True),  # device-seconds × price: proportional to time
-)
+TIME_METRIC = ("latency", "latency_mean_s")
+RESTATED = ("energy_j", "cost_usd_per_1k")
+PEAK_METRICS = ("peak_allocated_bytes", "peak_rss_bytes")
+LABELS = {"energy_j": "energy", "cost_usd_per_1k": "cost"}
 
 
 @dataclass
@@ -44,9 +45,13 @@ class SuiteVerdict:
     stack: str | None
     excluded: dict[str, str] = field(default_factory=dict)  # transform → why it is left out
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    restated: list[dict[str, Any]] = field(default_factory=list)
+    memory: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
     leave_one_out: list[dict[str, Any]] = field(default_factory=list)
     pairs: list[dict[str, Any]] = field(default_factory=list)
+    family: dict[str, Any] | None = None
+    process_variance: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,90 +62,72 @@ def _measured_configs(samples: pd.DataFrame) -> set[str]:
     return set(timed(samples).query("metric == 'block_seconds'")["config"])
 
 
-def _metric_table(samples: pd.DataFrame, candidates: Sequence[str]) -> tuple[str, pd.DataFrame]:
-    for metric in candidates:
-        table = block_values(samples, metric)
-        if not table.empty and np.isfinite(table.to_numpy(dtype=float)).any():
-            return metric, table
-    return candidates[-1], pd.DataFrame()
-
-
 def _source(samples: pd.DataFrame, metric: str) -> str:
     return "/".join(sorted(set(timed(samples).query("metric == @metric")["source"]))) or "-"
 
 
-def hierarchical_prediction(
-    seconds: pd.DataFrame, singles: Sequence[str], targets: dict[str, list[str]]
-) -> float | None:
-    """Δ_total = 1 − Σ_m w_m·Π_t(1 − Δ_t,m) with the baseline's shares w_m and each single's
-    local saving Δ_t,m on the modules it targets (time outside them, e.g. a wake, is not seen).
+def _unit(samples: pd.DataFrame, metric: str) -> str:
+    return str(timed(samples).query("metric == @metric")["unit"].iloc[0])
+
+
+def module_rounds(samples: pd.DataFrame) -> Rounds:
+    """Per hooked pass, each configuration's seconds in every module and in "other" (the rest
+    of the pass): columns are "config|module"."""
+    rows = timed(samples)
+    modules = rows[rows["metric"] == "module_time_s"]
+    totals = rows[rows["metric"] == "hooked_block_seconds"]
+    if modules.empty or totals.empty:
+        return Rounds(pd.DataFrame(), pd.Series(dtype=int))
+    per = modules.pivot_table(index="block", columns=["config", "module"], values="value")
+    total = totals.pivot_table(index="block", columns="config", values="value")
+    for config in total.columns:
+        if config in per.columns.get_level_values(0):
+            per[(config, OTHER)] = total[config] - per[config].sum(axis=1)
+    per.columns = [f"{c}|{m}" for c, m in per.columns]
+    return Rounds(per, epochs_of(samples).reindex(per.index))
+
+
+def hierarchical_prediction(samples: pd.DataFrame, singles: Sequence[str]) -> Estimate | None:
+    """Δ = 1 − Σ_m w_m·Π_t(1 − Δ_t,m) over every module and "other": w_m the baseline's share,
+    Δ_t,m each single's saving on module m, targeted or not (a wake reload or a scoring pass
+    lands in modules the transform does not name). Interval from the same process resampling.
     """
-    if seconds.empty or BASELINE not in seconds.index:
+    rounds = module_rounds(samples)
+    if rounds.table.empty:
         return None
-    if any(s not in seconds.index for s in singles):
+    modules = sorted({c.split("|", 1)[1] for c in rounds.table.columns if c.startswith(BASELINE)})
+    columns = [f"{c}|{m}" for c in (BASELINE, *singles) for m in modules]
+    if any(c not in rounds.table for c in columns) or not modules:
         return None
-    base = seconds.loc[BASELINE]
-    shares = shares_of(seconds).loc[BASELINE].to_dict()
-    local: dict[str, list[float]] = {m: [] for m in shares}
-    for single in singles:
-        for module in targets.get(single, []):
-            if module in local and base[module] > 0:
-                local[module].append(float(1 - seconds.loc[single, module] / base[module]))
-    try:
-        return compound_hierarchical(shares, local)
-    except CompoundError:  # a share or local saving out of range (noise on a tiny module)
+    joint = rounds.select(columns)
+    if len(joint.table) < 2:
         return None
 
+    def statistic(c: Mapping[str, np.ndarray]) -> float:
+        base = np.array([np.mean(c[f"{BASELINE}|{m}"]) for m in modules])
+        weights = base / base.sum()
+        kept = np.ones(len(modules))
+        for single in singles:
+            seconds = np.array([np.mean(c[f"{single}|{m}"]) for m in modules])
+            # a module the baseline never spends time in weighs nothing
+            kept *= np.divide(seconds, base, out=np.ones_like(base), where=base > 0)
+        return float(1 - np.sum(weights * kept))
 
-def target_modules(pattern_targets: dict[str, list[str]], modules: Sequence[str]) -> dict:
-    """Expand each transform's target handles (names or patterns) over the timed modules."""
-    return {
-        name: [m for m in modules if any(fnmatch.fnmatchcase(m, p) for p in patterns)]
-        for name, patterns in pattern_targets.items()
-    }
-
-
-def _delta_row(table: pd.DataFrame, base: str, opt: str, seed: int) -> dict[str, float] | None:
-    estimate = paired_saving(table, base, opt, seed)
-    if estimate is None:
-        return None
-    return {"point": estimate.point, "lo": estimate.lo, "hi": estimate.hi}
+    return estimate(joint, statistic)
 
 
-def _leave_one_out(
-    table: pd.DataFrame, transforms: Sequence[str], label: str, seed: int
-) -> list[dict[str, Any]]:
-    stack = config_name(transforms)
-    rows = []
-    for name in transforms:
-        without = config_name([t for t in transforms if t != name])
-        alone = _delta_row(table, BASELINE, name, seed)
-        added_last = _delta_row(table, without, stack, seed)
-        if alone is None or added_last is None:
-            continue
-        rows.append(
-            {
-                "metric": label,
-                "transform": name,
-                "alone": alone,
-                "added_last": added_last,
-                "difference": added_last["point"] - alone["point"],
-            }
-        )
-    return rows
-
-
-def _values(table: pd.DataFrame, names: Sequence[str]) -> dict[str, np.ndarray]:
-    return {n: table[n].to_numpy(dtype=float) for n in names}
+def _row_dict(label: str, source: str, estimate: Estimate | None) -> dict[str, Any] | None:
+    return None if estimate is None else {"label": label, "source": source, **estimate.to_dict()}
 
 
 def judge(
     samples: pd.DataFrame,
     transforms: Sequence[str],
     preflight: dict[str, dict[str, Any]],
-    seed: int = 0,
+    protocol: Protocol | None = None,
 ) -> SuiteVerdict:
     """The verdict over the given transforms (in stacking order), from stored samples."""
+    protocol = protocol or Protocol()
     measured = _measured_configs(samples)
     excluded = {}
     for name in transforms:
@@ -150,6 +137,8 @@ def judge(
     covered = [t for t in transforms if t not in excluded]
     stack = config_name(covered) if len(covered) >= 2 else None
     verdict = SuiteVerdict(covered, stack, excluded)
+    latency = rounds_of(samples, TIME_METRIC[1])
+    verdict.process_variance = _components(latency)
     if BASELINE not in measured:
         verdict.problems.append("no verdict: the baseline was not measured")
         return verdict
@@ -159,63 +148,115 @@ def judge(
     if stack not in measured:
         verdict.problems.append(f"no verdict: the stack {stack} was not measured")
         return verdict
-    seconds = module_seconds(samples)
-    targets = target_modules(
-        {t: preflight.get(t, {}).get("targets", []) for t in covered}, list(seconds.columns)
-    )
-    hierarchical = hierarchical_prediction(seconds, covered, targets)
     names = [BASELINE, *covered, stack]
-    for label, candidates, time_based in VERDICT_METRICS:
-        metric, table = _metric_table(samples, candidates)
-        if table.empty or any(n not in table for n in names):
+    hierarchical = hierarchical_prediction(samples, covered)
+    judged = [(TIME_METRIC[0], TIME_METRIC[1], latency, hierarchical)]
+    for metric in RESTATED:
+        rounds = rounds_of(samples, metric)
+        if rounds.table.empty or any(n not in rounds.table for n in names):
+            continue
+        source = _source(samples, metric)
+        if metric == "energy_j" and source == "measured":
+            judged.append((LABELS[metric], metric, rounds, None))
+        else:
+            verdict.restated.append(_restated(samples, metric, rounds, names, source))
+    for label, metric, rounds, prediction in judged:
+        if rounds.table.empty or any(n not in rounds.table for n in names):
             verdict.problems.append(f"{label}: not measured for every configuration")
             continue
         try:
             row = metric_verdict(
                 metric,
-                str(timed(samples).query("metric == @metric")["unit"].iloc[0]),
-                _values(table, names),
+                _unit(samples, metric),
+                rounds,
                 BASELINE,
                 covered,
                 stack,
-                predicted_hierarchical=hierarchical if time_based else None,
-                seed=seed,
+                margin=protocol.margin,
+                predicted_hierarchical=prediction,
             )
         except ValueError as error:
             verdict.problems.append(f"{label}: {error}")
             continue
         record = {"label": label, "source": _source(samples, metric), **row.to_dict()}
-        _add_aa_control(record, table, seed)
+        record["aa_control"] = _row_dict("A/A", "", paired_saving(rounds, BASELINE, AA_CONTROL))
+        record["p_value"] = row.residual.p_value()
         verdict.metrics.append(record)
-        verdict.leave_one_out += _leave_one_out(table, covered, label, seed)
-        verdict.pairs += _pairs(table, covered, label, seed)
-    verdict.accuracy = _accuracy(preflight, covered, stack, seed, verdict.problems)
+        verdict.leave_one_out += _leave_one_out(rounds, covered, label)
+        verdict.pairs += _pairs(rounds, covered, label, protocol.margin)
+    verdict.memory = _memory(samples, covered, stack, protocol, verdict.problems)
+    verdict.accuracy = _accuracy(preflight, covered, stack, verdict.problems)
+    verdict.family = _family(verdict)
     return verdict
 
 
-def _add_aa_control(record: dict[str, Any], table: pd.DataFrame, seed: int) -> None:
-    """Set the A/A difference beside the row, and say when the word does not survive it.
+def _components(rounds: Rounds) -> dict[str, Any] | None:
+    """τ and σ of the run's latency, on the log scale (0.01 ≈ 1%)."""
+    if rounds.table.empty or rounds.table.shape[1] < 2:
+        return None
+    try:
+        return variance_components(rounds).to_dict()
+    except ValueError:
+        return None
 
-    Pairing by round cancels drift but not a fixed per-process offset; the A/A control
-    measures that offset directly. A word other than "compounds" whose residual interval,
-    widened by it, would include 0 may reflect the worker processes rather than the transforms.
-    """
-    aa = _delta_row(table, BASELINE, AA_CONTROL, seed)
-    record["aa_control"] = aa
-    if aa is None or record["word"] == COMPOUNDS:
-        return
-    floor = max(abs(aa["lo"]), abs(aa["hi"]))
-    residual = record["residual"]
-    if residual["lo"] - floor <= 0 <= residual["hi"] + floor:
-        note = (
-            f"not robust to process noise: the A/A control differs by up to {floor:.2%}, and "
-            "the residual widened by that includes 0"
+
+def _restated(
+    samples: pd.DataFrame, metric: str, rounds: Rounds, names: Sequence[str], source: str
+) -> dict[str, Any]:
+    """Shown, labelled, no word: the stack's saving and what the figure is made of."""
+    stack = names[-1]
+    measured = paired_saving(rounds, BASELINE, stack)
+    how = (
+        "estimated from CPU time × watts per core"
+        if metric == "energy_j"
+        else "derived: device-seconds × price"
+    )
+    return {
+        "label": LABELS[metric],
+        "metric": metric,
+        "source": source,
+        "measured": measured.to_dict() if measured else None,
+        "note": f"{how}: it restates latency, so it gets no separate word",
+    }
+
+
+def _leave_one_out(rounds: Rounds, transforms: Sequence[str], label: str) -> list[dict[str, Any]]:
+    """Each transform alone against added last to the others; the difference's interval is
+    computed jointly over the four configurations involved."""
+    stack = config_name(transforms)
+    rows = []
+    for name in transforms:
+        without = config_name([t for t in transforms if t != name])
+        involved = list(dict.fromkeys([BASELINE, name, without, stack]))
+        if any(n not in rounds.table for n in involved):
+            continue
+        joint = rounds.select(involved)
+        if len(joint.table) < 2:
+            continue
+
+        def difference(c: Mapping[str, np.ndarray], name: str = name, without: str = without):
+            alone = saving_from_log(float(np.mean(np.log(c[name] / c[BASELINE]))))
+            last = saving_from_log(float(np.mean(np.log(c[stack] / c[without]))))
+            return last - alone
+
+        alone = paired_saving(joint, BASELINE, name)
+        added_last = paired_saving(joint, without, stack)
+        diff = estimate(joint, difference)
+        rows.append(
+            {
+                "metric": label,
+                "transform": name,
+                "alone": alone.to_dict() if alone else None,
+                "added_last": added_last.to_dict() if added_last else None,
+                "difference": diff.to_dict(),
+                "p_value": diff.p_value(),
+            }
         )
-        record["note"] = "; ".join(n for n in (record["note"], note) if n)
+    return rows
 
 
 def _pairs(
-    table: pd.DataFrame, transforms: Sequence[str], label: str, seed: int
+    rounds: Rounds, transforms: Sequence[str], label: str, margin: float
 ) -> list[dict[str, Any]]:
     """Per pair measured together (factorial design): its own verdict against eq 4.2."""
     rows = []
@@ -223,19 +264,77 @@ def _pairs(
         return rows  # with two transforms the pair is the stack: already judged
     for a, b in combinations(transforms, 2):
         both = config_name([a, b])
-        if any(n not in table for n in (BASELINE, a, b, both)):
+        if any(n not in rounds.table for n in (BASELINE, a, b, both)):
             continue
-        values = _values(table, [BASELINE, a, b, both])
-        row = metric_verdict(label, "", values, BASELINE, [a, b], both, seed=seed)
+        row = metric_verdict(label, "", rounds, BASELINE, [a, b], both, margin=margin)
         rows.append({"metric": label, "pair": [a, b], **row.to_dict()})
+        rows[-1]["p_value"] = row.residual.p_value()
     return rows
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment: valid under any correlation between the tests."""
+    p = np.asarray(p_values, dtype=float)
+    finite = np.isfinite(p)
+    adjusted = np.full(p.shape, np.nan)
+    order = np.argsort(np.where(finite, p, np.inf))[: int(finite.sum())]
+    m = order.size
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def _family(verdict: SuiteVerdict) -> dict[str, Any]:
+    """How many rows were judged, that they are correlated, and Holm-adjusted p-values."""
+    rows = [*verdict.metrics, *verdict.leave_one_out, *verdict.pairs]
+    adjusted = holm([r.get("p_value", np.nan) for r in rows])
+    for row, value in zip(rows, adjusted, strict=True):
+        row["holm_p"] = value
+    return {
+        "rows": len(rows),
+        "verdict_rows": len(verdict.metrics),
+        "leave_one_out_rows": len(verdict.leave_one_out),
+        "pair_rows": len(verdict.pairs),
+        "note": (
+            f"{len(rows)} rows were judged; they share the baseline and the singles, so they "
+            "are correlated. Each row's p-value tests 'no departure' (0); holm_p is Holm's "
+            "adjustment over the family, valid under any correlation."
+        ),
+    }
+
+
+def _memory(
+    samples: pd.DataFrame,
+    transforms: Sequence[str],
+    stack: str,
+    protocol: Protocol,
+    problems: list[str],
+) -> dict[str, Any] | None:
+    names = [BASELINE, *transforms, stack]
+    for metric in PEAK_METRICS:
+        table = process_table(samples, metric)
+        if table.table.empty or any(n not in table.table for n in names):
+            continue
+        result = memory_verdict(
+            table,
+            metric,
+            BASELINE,
+            list(transforms),
+            stack,
+            protocol.memory_margin_mib,
+            protocol.memory_margin_fraction,
+        )
+        return {"label": "peak memory", "source": _source(samples, metric), **result.to_dict()}
+    problems.append("peak memory: not measured for every configuration")
+    return None
 
 
 def _accuracy(
     preflight: dict[str, dict[str, Any]],
     transforms: Sequence[str],
     stack: str,
-    seed: int,
     problems: list[str],
 ) -> dict[str, Any] | None:
     names = [BASELINE, *transforms, stack]
@@ -243,6 +342,6 @@ def _accuracy(
     if not all(correct.values()):
         problems.append("accuracy: not scored for every configuration (cost-only model?)")
         return None
-    result = accuracy_verdict(correct, BASELINE, list(transforms), stack, seed=seed)
+    result = accuracy_verdict(correct, BASELINE, list(transforms), stack)
     accuracy = {n: preflight[n].get("accuracy", {}) for n in names}
     return {**result.to_dict(), "accuracy": accuracy}

@@ -1,58 +1,63 @@
-"""Verdicts: does the measured stack save what the singles predict (eq 4.2), within the noise?
+"""Verdicts: does the measured stack save what the singles predict (eq 4.2), within a margin?
 
-The measured stack's saving and its interval come from `stats.paired_delta`, the one estimator
-of a configuration against the baseline that every table uses. The prediction and the residual
-come from one joint bootstrap over rounds (the same resampled rounds for the baseline, each
-single and the stack), so the prediction's uncertainty and its correlation with the
-measurement are carried into the residual. The word is judged by the residual's
-interval, never its point, and a note says when "compounds" only means "cannot tell".
+Every figure comes from `bench.judge.replicated`, so its interval includes the variance
+between worker processes. The word is an equivalence judgement (two one-sided tests) on the
+residual = measured − predicted saving, against a margin fixed before the run:
+
+- `compounds`: the whole interval lies within ±margin;
+- `sub-multiplicative` / `super-multiplicative`: the interval lies below / above 0;
+- `inconclusive`: neither; `margin_needed` says what margin the data could have supported.
+
+A wider interval therefore makes `inconclusive` more likely, never `compounds`. The words
+describe savings; when a single is not a resolved saving (a regression, or unresolved),
+the word says so plainly and compares the stack with the product of the singles instead.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 
 from bench.judge.formulas import independent_saving
-from bench.judge.stats import (
-    DEFAULT_RESAMPLES,
-    DeltaEstimate,
-    joint_bootstrap,
-    paired_accuracy_drop,
-    paired_delta,
-    saving_from_log_ratio,
-)
+from bench.judge.replicated import Estimate, Rounds, estimate, saving, saving_from_log
 from core.jsonio import json_safe
 
 COMPOUNDS = "compounds"
 SUB_MULTIPLICATIVE = "sub-multiplicative"
 SUPER_MULTIPLICATIVE = "super-multiplicative"
-ADDITIVE = "additive"
-WORSE_THAN_ADDITIVE = "worse-than-additive"
-BETTER_THAN_ADDITIVE = "better-than-additive"
+INCONCLUSIVE = "inconclusive"
+# When the singles are not all resolved savings: the stack against the singles' product.
+NOT_SAVINGS_MATCH = "singles not savings: stack matches their product"
+NOT_SAVINGS_CHEAPER = "singles not savings: stack cheaper than their product"
+NOT_SAVINGS_DEARER = "singles not savings: stack dearer than their product"
+DEFAULT_MARGIN = 0.02
 
 
-class Interval(NamedTuple):
-    """A point estimate and its confidence interval."""
+@dataclass(frozen=True)
+class Departure:
+    """The equivalence judgement of one residual interval against a margin."""
 
-    point: float
-    lo: float
-    hi: float
+    outcome: str  # "within", "below", "above" or "inconclusive"
+    margin: float
+    margin_needed: float
 
-    @classmethod
-    def of(cls, est: DeltaEstimate) -> Interval:
-        return cls(est.point, est.lo, est.hi)
 
-    @property
-    def half_width(self) -> float:
-        return (self.hi - self.lo) / 2
-
-    def contains(self, value: float) -> bool:
-        return bool(self.lo <= value <= self.hi)
+def departure(residual: Estimate, margin: float) -> Departure:
+    """TOST: within ±margin first (practically equal, even if the interval excludes 0)."""
+    needed = max(abs(residual.lo), abs(residual.hi))
+    if not (math.isfinite(residual.lo) and math.isfinite(residual.hi)):
+        return Departure(INCONCLUSIVE, margin, math.nan)
+    if -margin < residual.lo and residual.hi < margin:
+        return Departure("within", margin, needed)
+    if residual.hi < 0:
+        return Departure("below", margin, needed)
+    if residual.lo > 0:
+        return Departure("above", margin, needed)
+    return Departure(INCONCLUSIVE, margin, needed)
 
 
 @dataclass(frozen=True)
@@ -61,181 +66,176 @@ class VerdictRow:
 
     metric: str
     unit: str
-    measured: Interval
-    predicted_independent: Interval
-    predicted_hierarchical: float | None
-    residual: Interval
+    measured: Estimate
+    singles: dict[str, Estimate]
+    predicted_independent: Estimate
+    residual: Estimate
+    interaction_ratio: Estimate  # stack's cost ratio / product of the singles' cost ratios
     word: str
-    note: str
-    n_rounds: int
+    statement: str
+    margin: float
+    margin_needed: float
+    predicted_hierarchical: Estimate | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return json_safe(
-            asdict(self) | _intervals(self, "measured", "predicted_independent", "residual")
-        )
+        out: dict[str, Any] = {
+            "metric": self.metric,
+            "unit": self.unit,
+            "word": self.word,
+            "statement": self.statement,
+            "margin": self.margin,
+            "margin_needed": self.margin_needed,
+            "note": "; ".join(self.notes),
+        }
+        for name in ("measured", "predicted_independent", "residual", "interaction_ratio"):
+            out[name] = getattr(self, name).to_dict()
+        out["singles"] = {name: e.to_dict() for name, e in self.singles.items()}
+        hierarchical = self.predicted_hierarchical
+        out["predicted_hierarchical"] = hierarchical.to_dict() if hierarchical else None
+        out["processes"] = self.residual.processes
+        out["n_rounds"] = self.residual.rounds
+        return json_safe(out)
 
 
-@dataclass(frozen=True)
-class AccuracyVerdict:
-    """Stacked accuracy drop vs the sum of single drops, paired by example."""
-
-    stacked_drop: Interval
-    sum_single_drops: Interval
-    difference: Interval
-    word: str
-    note: str
-    n_examples: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return json_safe(
-            asdict(self) | _intervals(self, "stacked_drop", "sum_single_drops", "difference")
-        )
-
-
-def _intervals(row: Any, *fields: str) -> dict[str, dict[str, float]]:
-    """asdict flattens NamedTuples to lists; JSON readers want named bounds."""
-    return {f: getattr(row, f)._asdict() for f in fields}
-
-
-def _check_names(
-    data: Mapping[str, Any], baseline: str, singles: Sequence[str], stack: str
-) -> list[str]:
-    names = [baseline, *singles, stack]
-    if not singles:
-        raise ValueError("a verdict needs at least one single transform")
-    if len(set(names)) != len(names):
-        raise ValueError(f"baseline, singles and stack must be distinct configurations: {names}")
-    missing = [n for n in names if n not in data]
-    if missing:
-        raise ValueError(f"no values for configuration(s) {missing}; have {sorted(data)}")
-    return names
-
-
-def _judge(interval: Interval, inside: str, below: str, above: str) -> str:
-    if interval.hi < 0:
-        return below
-    if interval.lo > 0:
-        return above
-    return inside
-
-
-def _saving(c: Mapping[str, np.ndarray], baseline: str, name: str) -> np.ndarray:
-    """Per-resample saving of `name` vs baseline: 1 − geometric mean of per-round ratios."""
-    return saving_from_log_ratio(np.mean(np.log(c[name] / c[baseline]), axis=-1))
+def _log_ratios(c: Mapping[str, np.ndarray], baseline: str, names: Sequence[str]) -> list[float]:
+    return [float(np.mean(np.log(c[n] / c[baseline]))) for n in names]
 
 
 def metric_verdict(
     metric: str,
     unit: str,
-    block_values: Mapping[str, ArrayLike],
+    rounds: Rounds,
     baseline: str,
     singles: Sequence[str],
     stack: str,
-    predicted_hierarchical: float | None = None,
-    confidence: float = 0.95,
-    n_resamples: int = DEFAULT_RESAMPLES,
-    seed: int = 0,
+    margin: float = DEFAULT_MARGIN,
+    predicted_hierarchical: Estimate | None = None,
 ) -> VerdictRow:
     """Judge whether the stack's saving on one cost metric (lower is better) matches eq 4.2.
 
-    `block_values` maps configuration → block values indexed by round. The measured saving
-    uses the rounds the baseline and the stack both have (as every comparison does); the
-    prediction and the residual drop rounds missing (NaN) in any of baseline, singles or stack.
+    Prediction, residual and interaction ratio are computed on the rounds where the baseline,
+    every single and the stack were all measured, and their intervals from one resampling of
+    processes, so the prediction's uncertainty and its correlation with the measurement are
+    carried into the residual.
     """
-    names = _check_names(block_values, baseline, singles, stack)
-    data = {n: np.asarray(block_values[n], dtype=float) for n in names}
-    nonpositive = [n for n, v in data.items() if np.nanmin(v, initial=np.inf) <= 0]
+    names = [baseline, *singles, stack]
+    if not singles:
+        raise ValueError("a verdict needs at least one single transform")
+    if len(set(names)) != len(names):
+        raise ValueError(f"baseline, singles and stack must be distinct configurations: {names}")
+    joint = rounds.select(names)
+    nonpositive = [n for n in names if (joint.table[n] <= 0).any()]
     if nonpositive:
         raise ValueError(f"{metric}: values must be > 0 to form ratios; see {nonpositive}")
 
-    def measured_stat(c: Mapping[str, np.ndarray]) -> np.ndarray:
-        return _saving(c, baseline, stack)
+    def predicted(c: Mapping[str, np.ndarray]) -> float:
+        savings = [saving_from_log(v) for v in _log_ratios(c, baseline, singles)]
+        return float(independent_saving(np.array(savings)))
 
-    def predicted_stat(c: Mapping[str, np.ndarray]) -> np.ndarray:
-        return independent_saving([_saving(c, baseline, s) for s in singles])
+    def measured(c: Mapping[str, np.ndarray]) -> float:
+        return saving_from_log(_log_ratios(c, baseline, [stack])[0])
 
-    kw = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
-    measured = paired_delta(data[baseline], data[stack], **kw)
-    predicted = joint_bootstrap(data, predicted_stat, **kw)
-    residual = joint_bootstrap(data, lambda c: measured_stat(c) - predicted_stat(c), **kw)
-    m, p, r = Interval.of(measured), Interval.of(predicted), Interval.of(residual)
-    word = _judge(r, COMPOUNDS, SUB_MULTIPLICATIVE, SUPER_MULTIPLICATIVE)
+    def log_interaction(c: Mapping[str, np.ndarray]) -> float:
+        logs = _log_ratios(c, baseline, [stack, *singles])
+        return logs[0] - sum(logs[1:])
+
+    single_estimates = {s: saving(joint, baseline, s) for s in singles}
+    row_measured = saving(joint, baseline, stack)
+    row_predicted = estimate(joint, predicted)
+    residual = estimate(joint, lambda c: measured(c) - predicted(c))
+    ratio = estimate(joint, log_interaction).mapped(math.exp, increasing=True)
+    judged = departure(residual, margin)
+    resolved = all(e.lo > 0 for e in single_estimates.values())
+    word = _word(judged, resolved)
     return VerdictRow(
         metric=metric,
         unit=unit,
-        measured=m,
-        predicted_independent=p,
-        predicted_hierarchical=predicted_hierarchical,
-        residual=r,
+        measured=row_measured,
+        singles=single_estimates,
+        predicted_independent=row_predicted,
+        residual=residual,
+        interaction_ratio=ratio,
         word=word,
-        note=_metric_note(m, p, r, word, predicted_hierarchical),
-        n_rounds=residual.n_pairs,
+        statement=_statement(judged, resolved, single_estimates, ratio, residual),
+        margin=margin,
+        margin_needed=judged.margin_needed,
+        predicted_hierarchical=predicted_hierarchical,
+        notes=_notes(row_measured, residual, predicted_hierarchical),
     )
 
 
-def _metric_note(
-    m: Interval, p: Interval, r: Interval, word: str, hierarchical: float | None
+def _word(judged: Departure, resolved: bool) -> str:
+    if judged.outcome == INCONCLUSIVE:
+        return INCONCLUSIVE
+    if resolved:
+        return {"within": COMPOUNDS, "below": SUB_MULTIPLICATIVE, "above": SUPER_MULTIPLICATIVE}[
+            judged.outcome
+        ]
+    return {"within": NOT_SAVINGS_MATCH, "below": NOT_SAVINGS_DEARER, "above": NOT_SAVINGS_CHEAPER}[
+        judged.outcome
+    ]
+
+
+def describe_singles(singles: Mapping[str, Estimate]) -> str:
+    """'3 singles are regressions', '1 of 3 singles is a regression, 1 unresolved', ..."""
+    n = len(singles)
+    regressions = sum(e.hi < 0 for e in singles.values())
+    savings = sum(e.lo > 0 for e in singles.values())
+    unresolved = n - regressions - savings
+    if savings == n:
+        return f"all {n} singles are resolved savings"
+    if regressions == n:
+        return f"all {n} singles are regressions"
+    parts = []
+    if savings:
+        parts.append(f"{savings} saving{'s' if savings > 1 else ''}")
+    if regressions:
+        parts.append(f"{regressions} regression{'s' if regressions > 1 else ''}")
+    if unresolved:
+        parts.append(f"{unresolved} unresolved")
+    return f"of {n} singles: " + ", ".join(parts)
+
+
+def _statement(
+    judged: Departure,
+    resolved: bool,
+    singles: Mapping[str, Estimate],
+    ratio: Estimate,
+    residual: Estimate,
 ) -> str:
-    """Say plainly when the evidence is too weak for the word to mean much.
+    """The word in plain terms, with the numbers behind it."""
+    ratio_text = f"stack/product of singles {ratio.point:.3f} [{ratio.lo:.3f}, {ratio.hi:.3f}]"
+    margin_pp = 100 * judged.margin
+    needed_pp = 100 * judged.margin_needed
+    if judged.outcome == INCONCLUSIVE:
+        return (
+            f"{describe_singles(singles)}; cannot tell: the residual "
+            f"{100 * residual.point:+.1f} pp [{100 * residual.lo:+.1f}, {100 * residual.hi:+.1f}] "
+            f"neither lies within ±{margin_pp:.1f} pp nor excludes 0 (a ±{needed_pp:.1f} pp "
+            f"margin would have been needed); {ratio_text}"
+        )
+    if judged.outcome == "within":
+        what = f"the stack matches the product of the singles within ±{margin_pp:.1f} pp"
+    else:
+        change = abs(1 - ratio.point)
+        cheaper = ratio.point < 1
+        what = f"the stack costs {change:.1%} {'less' if cheaper else 'more'} than their product"
+        if resolved:
+            what += " (savings amplify)" if cheaper else " (savings overlap)"
+    return f"{describe_singles(singles)}; {what}; {ratio_text}"
 
-    The residual's width counts too: it also carries the singles' noise, so a tight
-    measurement can still leave "compounds" unable to tell the prediction from no saving.
-    """
+
+def _notes(measured: Estimate, residual: Estimate, hierarchical: Estimate | None) -> list[str]:
     notes = []
-    if m.contains(0.0):
-        notes.append("the stacked saving itself is not resolved (its CI includes 0)")
-    width = max(m.half_width, r.half_width)
-    if word == COMPOUNDS and width > abs(p.point):
+    if measured.lo <= 0 <= measured.hi:
+        notes.append("the stacked saving itself is not resolved (its interval includes 0)")
+    if not residual.includes_process_variance:
         notes.append(
-            f"CI half-width {width:.4f} (measured or residual) exceeds |prediction| "
-            f"{abs(p.point):.4f}: 'compounds' means not distinguishable, not confirmed"
+            "one process per configuration: the interval covers rounds only and is too narrow"
         )
-    if hierarchical is not None and not m.contains(hierarchical):
-        notes.append(f"hierarchical prediction {hierarchical:.4f} lies outside the measured CI")
-    return "; ".join(notes)
-
-
-def accuracy_verdict(
-    correct: Mapping[str, ArrayLike],
-    baseline: str,
-    singles: Sequence[str],
-    stack: str,
-    confidence: float = 0.95,
-    n_resamples: int = DEFAULT_RESAMPLES,
-    seed: int = 0,
-) -> AccuracyVerdict:
-    """Judge whether accuracy drops add up: stacked drop vs Σ single drops, paired by example.
-
-    `correct` maps configuration → per-example correctness (bool, or NaN where unscored)
-    on the same examples in the same order.
-    """
-    names = _check_names(correct, baseline, singles, stack)
-    data = {n: np.asarray(correct[n], dtype=float) for n in names}
-
-    def drop(c: Mapping[str, np.ndarray], name: str) -> np.ndarray:
-        return np.mean(c[baseline] - c[name], axis=-1)
-
-    def summed(c: Mapping[str, np.ndarray]) -> np.ndarray:
-        return np.sum([drop(c, s) for s in singles], axis=0)
-
-    kw = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
-    stacked = paired_accuracy_drop(data[baseline], data[stack], **kw)
-    total = joint_bootstrap(data, summed, **kw)
-    diff = joint_bootstrap(data, lambda c: drop(c, stack) - summed(c), **kw)
-    s, t, d = Interval.of(stacked), Interval.of(total), Interval.of(diff)
-    word = _judge(d, ADDITIVE, BETTER_THAN_ADDITIVE, WORSE_THAN_ADDITIVE)
-    return AccuracyVerdict(s, t, d, word, _accuracy_note(d, t, word), diff.n_pairs)
-
-
-def _accuracy_note(d: Interval, t: Interval, word: str) -> str:
-    if d.half_width == 0:
-        return (
-            "zero-width CI: the per-example difference is the same on every example, so the "
-            "bootstrap shows no spread; it does not bound the effect on unseen examples"
+    if hierarchical is not None and not (measured.lo <= hierarchical.point <= measured.hi):
+        notes.append(
+            f"hierarchical prediction {hierarchical.point:+.4f} lies outside the measured interval"
         )
-    if word == ADDITIVE and d.half_width > abs(t.point):
-        return (
-            f"difference CI half-width {d.half_width:.4f} exceeds |summed single drops| "
-            f"{abs(t.point):.4f}: 'additive' means not distinguishable, not confirmed"
-        )
-    return ""
+    return notes

@@ -1,12 +1,17 @@
-"""The interleaved runner: one worker per configuration, blocks in a shuffled order each round.
+"""The interleaved runner: replicated worker processes, blocks in a shuffled order each round.
 
-Round r runs one block of every live configuration, in an order drawn from (seed, r), so drift
-hits all configurations alike and a resumed run replays the same order. Each finished block is
-in samples.jsonl before the next starts, so a killed run loses at most the block in flight.
+The run is split into epochs; in each, one worker per configuration starts (in a random
+order), and round r runs one block of every live configuration, in an order drawn from
+(seed, r), so drift hits all configurations alike and a resumed run replays the same order.
+Between epochs every worker is replaced: each configuration is measured in several processes,
+so the offset a process carries is measured, not mistaken for an effect. Each finished block
+is in samples.jsonl before the next starts (labelled with its epoch), so a killed run loses
+at most the block in flight.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import signal
 import time
@@ -16,11 +21,13 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 import numpy as np
+import pandas as pd
 
-from bench.configuration import RunSpec
+from bench.configuration import Protocol, RunSpec
+from bench.measure.worker import COLD as COLD_BLOCK
 from bench.measure.worker import worker_main
 from bench.store import RunStore
-from core.samples import Sample
+from core.samples import PROCESS_KEY, Sample, process_of
 
 BLOCK_TIMEOUT_S = 1800.0  # one block of a cost-only 7B shape on a CPU can be slow, never this slow
 
@@ -59,10 +66,22 @@ def _receive(live: _Live, timeout: float) -> tuple:
         raise RuntimeError(f"worker process died: {reason}") from None
 
 
+# Imported once by the fork server, so a worker forked from it starts without importing them.
+FORKSERVER_PRELOAD = ["torch", "transformers", "bench.measure.worker"]
+
+
 def _start(spec: RunSpec, index: int) -> _Live:
-    """Start one worker. It inherits SIGINT ignored (a disposition kept across exec), so a
-    Ctrl-C in the terminal reaches only the parent, which stops the workers quietly."""
-    context = mp.get_context("spawn")
+    """Start one worker. It inherits SIGINT ignored (a disposition kept across exec, and the
+    fork server started here keeps it for its children), so a Ctrl-C in the terminal reaches
+    only the parent, which stops the workers quietly.
+
+    `forkserver` forks each worker from a server that imported torch once (about 1 s per
+    worker on 2 cores, against about 7 s for `spawn`, which imports everything anew).
+    """
+    method = spec.protocol.start_method
+    if method == "forkserver":
+        mp.set_forkserver_preload(FORKSERVER_PRELOAD)
+    context = mp.get_context(method)
     parent, child = context.Pipe()
     process = context.Process(target=worker_main, args=(child, spec.to_dict(), index), daemon=True)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -85,29 +104,117 @@ def _stop(live: _Live) -> None:
         live.process.join()
 
 
-def _timed_seconds(store: RunStore) -> dict[str, float]:
+def _stored_rounds(store: RunStore) -> pd.DataFrame:
+    """One row per stored timed block: config, round, epoch and its timed seconds."""
     frame = store.samples_frame()
-    blocks = frame[frame.metric == "block_seconds"]
-    return blocks.groupby("config")["value"].sum().to_dict()
+    blocks = frame[(frame.metric == "block_seconds") & (frame.block >= 0)]
+    epochs = [process_of(extra) for extra in blocks["extra"]]
+    return pd.DataFrame(
+        {
+            "config": blocks["config"].to_numpy(),
+            "round": blocks["block"].astype(int).to_numpy(),
+            "epoch": epochs,
+            "seconds": blocks["value"].astype(float).to_numpy(),
+        }
+    )
 
 
 def _failed_configs(store: RunStore) -> dict[str, str]:
     return {f["config"]: f["error"] for f in store.failures()}
 
 
+def start_order(names: list[str], seed: int, epoch: int) -> list[str]:
+    """The order workers start in `epoch`: random, so no configuration always starts first."""
+    rng = np.random.default_rng([seed, epoch, 1])
+    return [names[i] for i in rng.permutation(len(names))]
+
+
+@dataclass
+class _Progress:
+    """What is stored so far: per configuration, rounds and timed seconds in each epoch."""
+
+    rounds: pd.DataFrame
+
+    def done(self, name: str, epoch: int) -> tuple[int, float]:
+        rows = self.rounds[(self.rounds.config == name) & (self.rounds.epoch == epoch)]
+        return len(rows), float(rows.seconds.sum())
+
+    def add(self, name: str, round_index: int, epoch: int, seconds: float) -> None:
+        row = pd.DataFrame(
+            [{"config": name, "round": round_index, "epoch": epoch, "seconds": seconds}]
+        )
+        self.rounds = pd.concat([self.rounds, row], ignore_index=True)
+
+    def next_round(self) -> int:
+        return int(self.rounds["round"].max()) + 1 if len(self.rounds) else 0
+
+
 def run_rounds(spec: RunSpec, store: RunStore, progress: ProgressFn | None = None) -> RunOutcome:
-    """Start workers one at a time (cold starts must not overlap), then run rounds until done."""
+    """Measure every configuration in `protocol.processes` epochs, then stop.
+
+    In each epoch one worker per configuration starts (one at a time, in a random order:
+    cold starts must not overlap), rounds run until the epoch's share of the minima is met,
+    and all workers stop. A resumed run continues the epoch it was in with fresh workers.
+    """
     say = progress or (lambda _message: None)
+    protocol = spec.protocol
+    names = [c.name for c in spec.configurations]
     failed = _failed_configs(store)
+    state = _Progress(_stored_rounds(store))
+    rounds_each = math.ceil(protocol.min_rounds / protocol.processes)
+    seconds_each = protocol.min_seconds / protocol.processes
+    budget_start = time.perf_counter()
+    outcome = RunOutcome(rounds=0, failed=failed)
+    for epoch in range(protocol.processes):
+
+        def epoch_done(name: str, epoch: int = epoch) -> bool:
+            rounds, seconds = state.done(name, epoch)
+            return rounds >= rounds_each and seconds >= seconds_each
+
+        todo = [n for n in names if n not in failed and not epoch_done(n)]
+        if not todo:
+            continue
+        if _over_budget(protocol, budget_start):
+            outcome.stopped_by_budget = True
+            break
+        live = _start_epoch(spec, store, todo, epoch, failed, say)
+        try:
+            outcome.stopped_by_budget = _epoch_rounds(
+                spec, store, live, epoch, epoch_done, state, failed, budget_start, say
+            )
+        finally:
+            for worker in live.values():
+                _stop(worker)
+        if outcome.stopped_by_budget:
+            break
+    outcome.rounds = int(state.rounds["round"].nunique()) if len(state.rounds) else 0
+    return outcome
+
+
+def _over_budget(protocol: Protocol, budget_start: float) -> bool:
+    return (
+        protocol.max_seconds is not None
+        and time.perf_counter() - budget_start > protocol.max_seconds
+    )
+
+
+def _start_epoch(
+    spec: RunSpec,
+    store: RunStore,
+    names: list[str],
+    epoch: int,
+    failed: dict[str, str],
+    say: ProgressFn,
+) -> dict[str, _Live]:
+    """Start this epoch's workers; each one's cold records are stored as block −1 − epoch."""
+    index = {c.name: i for i, c in enumerate(spec.configurations)}
     completed = store.completed_blocks()
     live: dict[str, _Live] = {}
     try:
-        for index, configuration in enumerate(spec.configurations):
-            name = configuration.name
-            if name in failed:
-                continue
-            say(f"starting {name}")
-            worker = _start(spec, index)
+        for name in start_order(names, spec.protocol.seed, epoch):
+            say(f"process {epoch + 1}/{spec.protocol.processes}: starting {name}")
+            started = time.perf_counter()
+            worker = _start(spec, index[name])
             try:
                 message = _receive(worker, BLOCK_TIMEOUT_S)
             except (TimeoutError, RuntimeError) as error:
@@ -118,39 +225,60 @@ def run_rounds(spec: RunSpec, store: RunStore, progress: ProgressFn | None = Non
                 say(f"{name} failed to start: {message[1]}")
                 _stop(worker)
                 continue
-            if (name, -1) not in completed:
-                store.append_block(name, -1, [Sample.from_dict(s) for s in message[1]])
+            cold = COLD_BLOCK - epoch
+            if (name, cold) not in completed:
+                samples = [Sample.from_dict(s) for s in message[1]]
+                samples.append(_start_sample(name, cold, time.perf_counter() - started))
+                store.append_block(name, cold, _labelled(samples, epoch, cold))
             live[name] = worker
-        return _rounds(spec, store, live, failed, say)
-    finally:
+    except BaseException:
         for worker in live.values():
             _stop(worker)
+        raise
+    return live
 
 
-def _rounds(
-    spec: RunSpec, store: RunStore, live: dict[str, _Live], failed: dict[str, str], say: ProgressFn
-) -> RunOutcome:
+def _start_sample(name: str, block: int, seconds: float) -> Sample:
+    """How long a worker took from spawn to ready: the cost of one more process."""
+    now = time.time()
+    return Sample(
+        name, block, "worker_start_s", seconds, "s", "total", "measured", now - seconds, now, {}
+    )
+
+
+def _labelled(samples: list[Sample], epoch: int, block: int) -> list[Sample]:
+    for sample in samples:
+        sample.block = block
+        sample.extra[PROCESS_KEY] = epoch
+    return samples
+
+
+def _epoch_rounds(
+    spec: RunSpec,
+    store: RunStore,
+    live: dict[str, _Live],
+    epoch: int,
+    epoch_done: Callable[[str], bool],
+    state: _Progress,
+    failed: dict[str, str],
+    budget_start: float,
+    say: ProgressFn,
+) -> bool:
+    """Rounds of one epoch until every live worker has met its share; True if the budget
+    stopped them. A round a killed run left half done is finished first."""
     protocol = spec.protocol
     names = [c.name for c in spec.configurations]
     completed = store.completed_blocks()
-    timed = _timed_seconds(store)
-    budget_start = time.perf_counter()
-    round_index = 0
-    stopped_by_budget = False
+    stored = state.rounds[state.rounds.epoch == epoch]["round"]
+    pending = sorted(set(stored)) + [state.next_round()]
     while live:
-        active = [n for n in names if n in live]
-        done_rounds = round_index >= protocol.min_rounds
-        done_seconds = all(timed.get(n, 0.0) >= protocol.min_seconds for n in active)
-        if done_rounds and done_seconds:
-            break
-        if (
-            protocol.max_seconds is not None
-            and time.perf_counter() - budget_start > protocol.max_seconds
-        ):
-            stopped_by_budget = True
-            break
+        if all(epoch_done(n) for n in live):
+            return False
+        if _over_budget(protocol, budget_start):
+            return True
+        round_index = pending.pop(0) if pending else state.next_round()
         for name in round_order(names, protocol.seed, round_index):
-            if name not in live or (name, round_index) in completed:
+            if name not in live or (name, round_index) in completed or epoch_done(name):
                 continue
             worker = live[name]
             try:
@@ -164,16 +292,14 @@ def _rounds(
                 say(f"{name} failed in round {round_index}: {message[1]}")
                 _stop(live.pop(name))
                 continue
-            samples = [Sample.from_dict(s) for s in message[1]]
+            samples = _labelled([Sample.from_dict(s) for s in message[1]], epoch, round_index)
             store.append_block(name, round_index, samples)
-            timed[name] = timed.get(name, 0.0) + next(
-                s.value for s in samples if s.metric == "block_seconds"
-            )
-        least = min((timed.get(n, 0.0) for n in live), default=0.0)
+            seconds = next(s.value for s in samples if s.metric == "block_seconds")
+            state.add(name, round_index, epoch, seconds)
+        least = min((state.done(n, epoch)[1] for n in live), default=0.0)
         say(
-            f"round {round_index + 1} (min {protocol.min_rounds}); timed {least:.0f}/"
-            f"{protocol.min_seconds:.0f} s per configuration; "
-            f"{time.perf_counter() - budget_start:.0f} s elapsed"
+            f"process {epoch + 1}/{protocol.processes}, round {round_index + 1}; timed "
+            f"{least:.0f}/{protocol.min_seconds / protocol.processes:.0f} s per configuration "
+            f"in this process; {time.perf_counter() - budget_start:.0f} s elapsed"
         )
-        round_index += 1
-    return RunOutcome(rounds=round_index, failed=failed, stopped_by_budget=stopped_by_budget)
+    return False

@@ -23,6 +23,7 @@ from bench.measure.trackers.events import EventTracker
 from bench.measure.trackers.latency import Clock, RequestTiming, set_threads, synchronize
 from bench.measure.trackers.memory import MemoryTracker
 from bench.measure.trackers.modules import ModuleTimer
+from bench.measure.trackers.system_load import LoadMeter
 from bench.measure.workload import build_requests, serve_timed
 from core.samples import Sample, Source
 from models.generation import generate
@@ -53,6 +54,7 @@ class Worker:
         self.bundle.events.listener = self.events
         self.requests = build_requests(self.bundle, spec.workload)
         self.meter = select_energy_meter(self.device, spec.protocol.watts_per_core)
+        self.load = LoadMeter()
 
     def sample(
         self,
@@ -113,10 +115,10 @@ class Worker:
 
     def run_block(self, block: int) -> list[Sample]:
         memory = MemoryTracker(self.device, module=self.bundle.model)
-        with self.meter.window() as energy, memory:
+        with self.load.window() as load, self.meter.window() as energy, memory:
             t_start = time.time()
             wall_start = time.perf_counter()
-            timings = [self.serve(request) for request in self.requests]
+            timings = self.serve_block(wall_start)
             synchronize(self.device)
             wall = time.perf_counter() - wall_start
             t_end = time.time()
@@ -139,6 +141,7 @@ class Worker:
             sample.extra["requests"] = n
         samples += energy_samples
         samples += memory.samples(self.name, block)
+        samples += load.samples(self.name, block)
         protocol = self.spec.protocol
         samples.append(
             cost_sample(
@@ -157,11 +160,23 @@ class Worker:
             samples += self.module_pass(block, wall)
         return samples
 
+    def serve_block(self, wall_start: float) -> list[RequestTiming]:
+        """The block's requests, served again whole until the block lasts `min_block_seconds`:
+        NVML's energy counter updates every ~100 ms, so shorter windows are quantised."""
+        timings: list[RequestTiming] = []
+        while True:
+            timings += [self.serve(request) for request in self.requests]
+            synchronize(self.device)
+            shortest = max(self.spec.protocol.min_block_seconds, self.meter.min_window_s)
+            if time.perf_counter() - wall_start >= shortest:
+                return timings
+
     def request_samples(
         self, block: int, timings: list[RequestTiming], window: tuple[float, float]
     ) -> list[Sample]:
         samples = []
-        for i, (request, timing) in enumerate(zip(self.requests, timings, strict=True)):
+        passes = len(timings) // len(self.requests)
+        for i, (request, timing) in enumerate(zip(self.requests * passes, timings, strict=True)):
             per_request = {"latency_e2e_s": timing.end_to_end, "latency_prefill_s": timing.prefill}
             if timing.time_per_output_token is not None:
                 per_request["latency_decode_per_token_s"] = timing.time_per_output_token
@@ -173,7 +188,7 @@ class Worker:
                         value,
                         "s",
                         window,
-                        request=i,
+                        request=i % len(self.requests),
                         modality=request.example.modality,
                     )
                 )

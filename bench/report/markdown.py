@@ -44,15 +44,21 @@ def verdict_rows(verdict: dict[str, Any]) -> list[list[str]]:
             row["label"],
             interval(row["measured"]),
             interval(row["predicted_independent"]),
-            pct(row["predicted_hierarchical"]),
+            interval(row["predicted_hierarchical"]),
             interval(row["residual"]),
+            _ratio(row["interaction_ratio"]),
             f"**{row['word']}**",
+            f"±{100 * row['margin']:.1f} pp",
             interval(row.get("aa_control")),
             row["source"],
-            str(row["n_rounds"]),
+            f"{row['processes']} × {row['n_rounds']}",
         ]
         for row in verdict["metrics"]
     ]
+
+
+def _ratio(data: dict[str, float]) -> str:
+    return f"{data['point']:.3f} [{data['lo']:.3f}, {data['hi']:.3f}]"
 
 
 VERDICT_HEADER = (
@@ -61,10 +67,12 @@ VERDICT_HEADER = (
     "eq 4.2 from singles",
     "hierarchical",
     "residual [95% CI]",
+    "stack / product of singles",
     "verdict",
+    "margin",
     "A/A control",
     "source",
-    "rounds",
+    "processes × rounds",
 )
 
 
@@ -72,7 +80,10 @@ def _verdict_section(verdict: dict[str, Any]) -> list[str]:
     covered = " + ".join(verdict["transforms"]) or "none"
     out = ["## Verdict: do the savings compound?", ""]
     out.append(
-        f"Stack: {covered}. Δ > 0 is a saving; the word is judged by the residual's CI. "
+        f"Stack: {covered}. Δ > 0 is a saving. Every interval includes the variance between "
+        "worker processes. The word is an equivalence judgement on the residual (measured − "
+        "eq 4.2): `compounds` only when its whole interval lies within the margin fixed "
+        "before the run; a departure only when it excludes 0; otherwise `inconclusive`. "
         "The A/A control is a second baseline process: how far two identical processes differ."
     )
     for name, reason in verdict["excluded"].items():
@@ -81,8 +92,25 @@ def _verdict_section(verdict: dict[str, Any]) -> list[str]:
     if verdict["metrics"]:
         out += [markdown_table(VERDICT_HEADER, verdict_rows(verdict)), ""]
         for row in verdict["metrics"]:
+            out.append(f"- {row['label']}: {row['statement']}")
             if row["note"]:
                 out.append(f"- {row['label']}: {row['note']}")
+    for row in verdict.get("restated") or []:
+        shown = interval(row["measured"]) if row["measured"] else "-"
+        out.append(f"- {row['label']} (`{row['source']}`): stack Δ {shown}; {row['note']}")
+    memory = verdict.get("memory")
+    if memory:
+        out.append(
+            f"- peak memory (`{memory['source']}`): **{memory['word']}**: {memory['statement']}"
+        )
+    pv = verdict.get("process_variance")
+    if pv:
+        out.append(
+            f"- noise: process SD τ {pv['tau']:.2%}, round SD σ {pv['sigma']:.2%} (log scale), "
+            f"from {pv['processes']} processes × {pv['rounds_per_process']:.1f} rounds"
+        )
+    if verdict.get("family"):
+        out.append(f"- {verdict['family']['note']}")
     for problem in verdict["problems"]:
         out.append(f"- {problem}")
     accuracy = verdict.get("accuracy")
@@ -96,7 +124,8 @@ def _verdict_section(verdict: dict[str, Any]) -> list[str]:
         out.append(
             f"Stacked accuracy drop {interval(accuracy['stacked_drop'])} vs the sum of single "
             f"drops {interval(accuracy['sum_single_drops'])}: **{accuracy['word']}** "
-            f"(difference {interval(accuracy['difference'])}, {accuracy['n_examples']} examples)."
+            f"(difference {interval(accuracy['difference'])}, {accuracy['n_examples']} examples, "
+            f"{accuracy['difference_method']})."
         )
         if accuracy["note"]:
             out.append(f"Note: {accuracy['note']}")
@@ -112,16 +141,25 @@ def _loo_section(verdict: dict[str, Any]) -> list[str]:
             r["transform"],
             interval(r["alone"]),
             interval(r["added_last"]),
-            pct(r["difference"]),
+            interval(r["difference"]),
+            f"{r.get('holm_p', float('nan')):.3g}",
         ]
         for r in verdict["leave_one_out"]
     ]
-    header = ("metric", "transform", "Δ alone", "Δ added last to the stack", "difference")
+    header = (
+        "metric",
+        "transform",
+        "Δ alone",
+        "Δ added last to the stack",
+        "difference [95% CI]",
+        "Holm p",
+    )
     return [
         "## Leave-one-out",
         "",
         "Each transform's saving alone (vs the baseline) and added last (the full stack vs the "
-        "stack without it). A difference outside both intervals is an interaction.",
+        "stack without it); the difference's interval is computed jointly. An interval that "
+        "excludes 0 is an interaction.",
         "",
         markdown_table(header, rows),
     ]
@@ -149,10 +187,16 @@ def _comparisons_section(comparisons: pd.DataFrame) -> list[str]:
     if comparisons.empty:
         return []
     rows = [
-        [r.config, r.label, f"{pct(r.delta)} [{pct(r.lo)}, {pct(r.hi)}]", r.source, r.rounds]
+        [
+            r.config,
+            r.label,
+            f"{pct(r.delta)} [{pct(r.lo)}, {pct(r.hi)}]",
+            r.source,
+            f"{r.processes} × {r.rounds}",
+        ]
         for r in comparisons.itertuples()
     ]
-    header = ("configuration", "metric", "Δ vs baseline [95% CI]", "source", "rounds")
+    header = ("configuration", "metric", "Δ vs baseline [95% CI]", "source", "processes × rounds")
     return ["## Every configuration vs the baseline", "", markdown_table(header, rows)]
 
 
@@ -210,6 +254,8 @@ def markdown_report(meta: dict[str, Any], tables: RunTables) -> str:
     ]
     for name, reason in (meta.get("skipped_transforms") or {}).items():
         lines.append(f"- skipped transform {name}: {reason}")
+    if tables.busy.get("message"):
+        lines.append(f"- **{tables.busy['message']}**")
     lines.append("")
     verdict = tables.verdict
     lines += _verdict_section(verdict)

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bench.judge.analysis import RunTables
-from core.units import BYTES_PER_MIB, MS_PER_S, interval, pct
+from core.units import BYTES_PER_MIB, MS_PER_S, interval
 
 # The per-configuration table's columns: (metric, modality, label, scale, format).
 COLUMNS: tuple[tuple[str, str, str, float, str], ...] = (
@@ -59,27 +59,32 @@ def configuration_table(summary: pd.DataFrame, accuracy: dict[str, dict[str, flo
 def verdict_table(verdict: dict[str, Any]) -> Table:
     stack = " + ".join(verdict["transforms"])
     table = Table(
-        title=f"verdict: does {stack} compound? Δ > 0 saves; % with [95% CI]",
-        caption="eq 4.2 from the singles; hier. = hierarchical (module shares); "
-        "A/A = two identical baseline processes",
+        title=f"verdict: does {stack} compound? Δ > 0 saves; % with [95% CI] over processes",
+        caption="eq 4.2 from the singles; hier. = hierarchical (every module's time); "
+        "ratio = stack / product of the singles; A/A = two identical baseline processes",
     )
-    for column in ("metric", "stack Δ", "eq 4.2", "hier.", "residual", "verdict", "A/A"):
+    for column in ("metric", "stack Δ", "eq 4.2", "hier.", "residual", "ratio", "verdict", "A/A"):
         table.add_column(column, overflow="fold")
     for row in verdict["metrics"]:
         table.add_row(
             row["label"] + SOURCE_MARK.get(row["source"], ""),
             _interval(row["measured"]),
             _interval(row["predicted_independent"]),
-            _pct(row["predicted_hierarchical"]),
+            _interval(row["predicted_hierarchical"]),
             _interval(row["residual"]),
+            _ratio(row["interaction_ratio"]),
             Text(row["word"], style="bold"),
             _interval(row.get("aa_control")),
         )
     return table
 
 
-def _pct(value: float | None) -> str:
-    return pct(value, places=1, unit="")
+def _ratio(data: dict[str, float]) -> str:
+    return f"{data['point']:.3f}\n[{data['lo']:.3f}, {data['hi']:.3f}]"
+
+
+def _log_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
 
 
 def _interval(data: dict[str, float] | None) -> str:
@@ -99,6 +104,8 @@ def render_run(meta: dict[str, Any], tables: RunTables) -> Group:
     header = f"run {meta['run_id']}: {model.get('preset')} ({params:,} params, {trained})"
     header += f"; {meta.get('rounds')} rounds on {meta['environment'].get('device')}"
     parts.append(Text(header, style="bold"))
+    if tables.busy.get("message"):
+        parts.append(Text(tables.busy["message"], style="bold red"))
     verdict = tables.verdict
     accuracy = (verdict.get("accuracy") or {}).get("accuracy") or {}
     if not accuracy and meta.get("accuracy"):
@@ -107,16 +114,35 @@ def render_run(meta: dict[str, Any], tables: RunTables) -> Group:
     if verdict["metrics"]:
         parts.append(verdict_table(verdict))
     for row in verdict["metrics"]:
+        parts.append(Text(f"{row['label']}: {row['statement']}"))
         if row["note"]:
             parts.append(Text(f"{row['label']}: {row['note']}"))
+    for row in verdict.get("restated") or []:
+        measured = row["measured"]
+        shown = _inline(measured) if measured else "-"
+        parts.append(Text(f"{row['label']} ({row['source']}): stack Δ {shown}; {row['note']}"))
+    if verdict.get("memory"):
+        parts.append(
+            Text(f"peak memory: {verdict['memory']['word']}: {verdict['memory']['statement']}")
+        )
     if verdict.get("accuracy"):
         acc = verdict["accuracy"]
         parts.append(
             Text(
                 f"accuracy: stacked drop {_inline(acc['stacked_drop'])} vs summed single "
-                f"drops {_inline(acc['sum_single_drops'])}: {acc['word']}"
+                f"drops {_inline(acc['sum_single_drops'])}: {acc['word']}; {acc['note']}"
             )
         )
+    if verdict.get("process_variance"):
+        pv = verdict["process_variance"]
+        parts.append(
+            Text(
+                f"noise: process SD τ {_log_pct(pv['tau'])}, round SD σ {_log_pct(pv['sigma'])} "
+                f"({pv['processes']} processes × {pv['rounds_per_process']:.1f} rounds)"
+            )
+        )
+    if verdict.get("family"):
+        parts.append(Text(verdict["family"]["note"]))
     for line in [
         *verdict["problems"],
         *(f"left out: {k}: {v}" for k, v in verdict["excluded"].items()),

@@ -12,6 +12,26 @@ work lands inside it), and a measured reading of zero is a warning with a NaN
 value, never a silent 0. Every window records what its figure covers (`scope`):
 a GPU, the CPU packages, or this process's CPU time, so the analysis never mixes
 them up.
+
+Short NVML windows are not measurements. NVML's total-energy counter advances in
+steps about every 100 ms (`NVML_COUNTER_PERIOD_S`), so a window's delta is a whole
+number of steps: 0.5 s blocks on an H100 read 47.6, 59.4, 71.3 and 83.1 J (steps of
+≈ 11.9 J), and two configurations drawing the same power can "differ" by a whole
+step (~17% of a 0.5 s window) only because their windows sit differently against the
+ticks. A window shorter than `min_window_s` (1 s for NVML) therefore has value NaN,
+never a number: `extra["excluded"]` says why, `extra["raw_joules"]` keeps the counter
+delta for diagnosis, and the paired analysis (which drops NaN rounds) never compares it.
+
+Every NVML window also records `extra["quantisation_bound"]` = 2 × period / window_s
+(`quantisation_bound()`): the relative error two counter steps can cause, assuming
+constant power P. Each step is P × period joules and the window's true energy is
+P × window_s, so one step of error at each end of the window (the counter's phase at
+the start and at the end) is at most 2 × period / window_s of the figure: ≤ 20% at
+1 s, ≤ 2% at 10 s. With an ideal counter read between its ticks the two ends partly
+cancel and the error stays under one step (period / window_s); the factor 2 leaves room
+for a counter whose ticks jitter. It bounds quantisation only: power that changes
+within a step, or a window that is not the block's, is not covered.
+RAPL (updated every ~1 ms) and the CPU-time estimate are not subject to the 1 s rule.
 """
 
 from __future__ import annotations
@@ -39,8 +59,22 @@ from core.samples import Sample, Source
 # siblings each count a full core. The CLI lets the user set their own value.
 DEFAULT_WATTS_PER_CORE = 7.5
 
+# NVML's total-energy counter updates about every 100 ms; windows shorter than ten
+# updates are excluded (value NaN), as the measurement guide requires windows ≥ 1 s.
+NVML_COUNTER_PERIOD_S = 0.1
 NVML_MIN_WINDOW_S = 1.0
 _PACKAGE_DIR = re.compile(r"^intel-rapl:\d+$")
+
+
+def quantisation_bound(window_s: float, period_s: float) -> float:
+    """Largest relative error of a counter delta that two counter steps can cause.
+
+    2 × period_s / window_s, assuming constant power (see the module docstring);
+    infinite for a window of no length.
+    """
+    if not window_s > 0:
+        return math.inf
+    return 2.0 * period_s / window_s
 
 
 @dataclass
@@ -88,7 +122,14 @@ class EnergyMeter(ABC):
 
     Subclasses provide `_snapshot()` (a raw reading) and `_measure(start, end)`
     (joules between two readings, plus any extra fields). The base class owns the
-    timing, device sync, and the rules about short windows and zero readings.
+    timing, device sync, and the rules about short windows and zero readings:
+
+    - a window shorter than `min_window_s` has value NaN, with the reason in
+      `extra["excluded"]` (and in the warning) and the delta in `extra["raw_joules"]`;
+    - a measured delta of zero has value NaN and a warning;
+    - a meter whose counter updates in coarse steps (`counter_period_s` set) records
+      `raw_joules`, `counter_period_s`, `min_window_s` and `quantisation_bound` for
+      every window.
     """
 
     name: str
@@ -96,7 +137,8 @@ class EnergyMeter(ABC):
     method: str
     scope: str
     min_window_s: float = 0.0
-    short_window_warning = "window shorter than min_window_s; badly quantised"
+    counter_period_s: float | None = None
+    short_window_reason = "window {window_s:.2f} s < {min_window_s:.1f} s; badly quantised"
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device
@@ -126,11 +168,23 @@ class EnergyMeter(ABC):
         end = self._snapshot()
         w.seconds = time.perf_counter() - t0
         w.t_end = time.time()
-        joules, w.extra = self._measure(start, end)
+        raw_joules, w.extra = self._measure(start, end)
+        joules = raw_joules
         warnings = []
+        if self.counter_period_s is not None:
+            w.extra["raw_joules"] = raw_joules
+            w.extra["counter_period_s"] = self.counter_period_s
+            w.extra["min_window_s"] = self.min_window_s
+            w.extra["quantisation_bound"] = quantisation_bound(w.seconds, self.counter_period_s)
         if w.seconds < self.min_window_s:
-            warnings.append(self.short_window_warning)
-        if self.source == "measured" and joules == 0:
+            reason = self.short_window_reason.format(
+                window_s=w.seconds, min_window_s=self.min_window_s
+            )
+            w.extra["excluded"] = reason
+            w.extra["raw_joules"] = raw_joules
+            warnings.append(f"{reason}; value set to NaN (excluded from comparisons)")
+            joules = math.nan
+        if self.source == "measured" and raw_joules == 0:
             warnings.append("energy counter did not advance (zero delta); value set to NaN")
             joules = math.nan
         w.joules = joules
@@ -178,13 +232,23 @@ def state_drift(
 
 
 class NvmlEnergyMeter(EnergyMeter):
-    """Deltas of NVML's total-energy counter (millijoules, Volta and newer)."""
+    """Deltas of NVML's total-energy counter (millijoules, Volta and newer).
+
+    The counter updates about every 100 ms, so windows shorter than `min_window_s`
+    (1 s) give NaN with the reason in `extra["excluded"]`; every window records its
+    `quantisation_bound`. Lowering `min_window_s` is for tests of the delta arithmetic
+    only: the measurement guide forbids comparing quantised windows.
+    """
 
     name = "nvml"
     source: Source = "measured"
     method = "NVML nvmlDeviceGetTotalEnergyConsumption delta (mJ counter)"
     scope = "gpu"
-    short_window_warning = "window shorter than NVML's ~100 ms update period × 10; badly quantised"
+    counter_period_s = NVML_COUNTER_PERIOD_S
+    short_window_reason = (
+        "window {window_s:.2f} s < {min_window_s:.1f} s: NVML's counter updates every "
+        "~100 ms, so shorter windows are quantised"
+    )
 
     def __init__(self, device_index: int = 0, min_window_s: float = NVML_MIN_WINDOW_S) -> None:
         super().__init__(torch.device("cuda", device_index))
