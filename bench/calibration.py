@@ -24,7 +24,7 @@ from models.presets import get_preset
 from models.teacher import ensure_trained
 
 DEFAULT_PLANTED = (0.01, 0.02, 0.05)
-DEFAULT_PROCESSES = 6
+DEFAULT_PROCESSES = 12
 
 
 def calibration_spec(

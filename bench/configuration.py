@@ -74,7 +74,7 @@ class Protocol:
 
     warmup_requests: int = 3
     min_rounds: int = 10
-    min_seconds: float = 20.0  # timed seconds per configuration, over all its processes
+    min_seconds: float = 30.0  # timed seconds per configuration, over all its processes
     processes: int = 1
     min_block_seconds: float = 0.0  # a block serves its requests again until this long
     start_method: str = "spawn"  # how workers start: "spawn" or "forkserver"

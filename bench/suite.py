@@ -43,7 +43,7 @@ from optimizations.registry import get_transform
 
 DEFAULT_TRANSFORMS = ("vision_sleep", "token_pruning", "fused_qkv")
 DEFAULT_DESIGNS = ("singles", "leave-one-out")
-DEFAULT_PROCESSES = 4
+DEFAULT_PROCESSES = 12
 
 Say = Callable[[str], None]
 

@@ -158,7 +158,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="memory margin as a percent of the baseline's peak (default 1)",
     )
     for flag, default, help_text in (
-        ("--min-seconds", 20.0, "minimum timed seconds per configuration"),
+        ("--min-seconds", 30.0, "minimum timed seconds per configuration, over its processes"),
         ("--watts-per-core", 7.5, "CPU energy estimate when no RAPL/NVML counter is readable"),
         ("--price-per-hour", 0.10, "$ per device-hour for the derived cost figure"),
         ("--grid-intensity", 475.0, "gCO2 per kWh for the derived carbon figure"),
