@@ -129,3 +129,18 @@ def test_holm_by_hand():
     adjusted = holm([0.01, 0.04, 0.03, float("nan")])
     assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06])
     assert math.isnan(adjusted[3])
+
+
+def test_interaction_ratio_interval_covers_the_planted_ratio():
+    """Singles save 10% and 20%; the stack costs 5% more than their product (ratio 1.05)."""
+    from bench.judge.verdict import metric_verdict
+
+    rng = np.random.default_rng(5)
+    ratio = 1.05
+    effects = {"base": 0.0, "a": 0.10, "b": 0.20, "a+b": 1 - 0.9 * 0.8 * ratio}
+    covered, trials = 0, 150
+    for _ in range(trials):
+        rounds = simulate(rng, effects, processes=6, rounds=8, tau=0.01, sigma=0.01)
+        row = metric_verdict("latency", "s", rounds, "base", ["a", "b"], "a+b")
+        covered += row.interaction_ratio.lo <= ratio <= row.interaction_ratio.hi
+    assert 0.90 <= covered / trials <= 0.99
