@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from bench.judge import analysis
 from bench.judge.shares import module_shares
@@ -94,3 +95,21 @@ def test_flags_name_noisy_metrics_and_missing_energy():
     assert [f for f in found if f.startswith("noisy:") and "latency_mean_s" in f] == [
         "noisy: jumpy latency_mean_s: IQR/median 67% > 10%"
     ]
+
+
+def test_a_tail_the_median_hides_is_flagged():
+    """Mostly 100 ms blocks, a fifth of them 600 ms: the median and IQR look calm, the mean not."""
+    values = [0.1] * 16 + [0.6] * 4
+    samples = _frame(
+        [Sample("baseline", block, "latency_mean_s", v, "s") for block, v in enumerate(values)]
+    )
+    summary = analysis.summary_table(samples)
+    row = summary[summary.metric == "latency_mean_s"].iloc[0]
+    assert row["median"] == 0.1 and row["iqr"] == 0.0 and row["mean"] == pytest.approx(0.2)
+    assert bool(row["tail"]) is True
+    (flag,) = analysis.tail_flags(summary)
+    assert flag.startswith("tail: baseline latency_mean_s: mean 0.2 vs median 0.1")
+    calm = analysis.summary_table(
+        _frame([Sample("baseline", b, "latency_mean_s", 0.1 + 0.001 * b, "s") for b in range(20)])
+    )
+    assert not calm["tail"].astype(bool).any() and analysis.tail_flags(calm) == []

@@ -35,6 +35,8 @@ def _cell(
     text = fmt.format(row["median"] * scale)
     if pd.notna(row.get("rel_iqr")) and row["n"] > 1:
         text += f" ±{row['rel_iqr']:.0%}"
+    if pd.notna(row.get("tail")) and bool(row["tail"]):
+        text += f" (mean {row['mean'] * scale:.3g}: tail)"
     return text + SOURCE_MARK.get(row["source"], "")
 
 
