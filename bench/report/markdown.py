@@ -51,7 +51,7 @@ def verdict_rows(verdict: dict[str, Any]) -> list[list[str]]:
             f"±{100 * row['margin']:.1f} pp",
             interval(row.get("aa_control")),
             row["source"],
-            f"{row['processes']} × {row['n_rounds']}",
+            f"{row['processes']} / {row['n_rounds']}",
         ]
         for row in verdict["metrics"]
     ]
@@ -72,7 +72,7 @@ VERDICT_HEADER = (
     "margin",
     "A/A control",
     "source",
-    "processes × rounds",
+    "processes / rounds",
 )
 
 
@@ -192,11 +192,11 @@ def _comparisons_section(comparisons: pd.DataFrame) -> list[str]:
             r.label,
             f"{pct(r.delta)} [{pct(r.lo)}, {pct(r.hi)}]",
             r.source,
-            f"{r.processes} × {r.rounds}",
+            f"{r.processes} / {r.rounds}",
         ]
         for r in comparisons.itertuples()
     ]
-    header = ("configuration", "metric", "Δ vs baseline [95% CI]", "source", "processes × rounds")
+    header = ("configuration", "metric", "Δ vs baseline [95% CI]", "source", "processes / rounds")
     return ["## Every configuration vs the baseline", "", markdown_table(header, rows)]
 
 
