@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bench.judge.replicated import Estimate, Rounds, estimate
-from bench.judge.verdict import INCONCLUSIVE
+from bench.judge.verdict import INCONCLUSIVE, departure
 from core.jsonio import json_safe
 from core.units import BYTES_PER_MIB
 
@@ -94,13 +94,11 @@ def memory_verdict(
 
 
 def _word(residual: Estimate, margin: float) -> str:
-    if -margin < residual.lo and residual.hi < margin:
-        return ADDITIVE
-    if residual.hi < 0:
-        return SUB_ADDITIVE
-    if residual.lo > 0:
-        return SUPER_ADDITIVE
-    return INCONCLUSIVE
+    """The time verdict's equivalence rule (`verdict.departure`), in words for bytes."""
+    outcome = departure(residual, margin).outcome
+    return {"within": ADDITIVE, "below": SUB_ADDITIVE, "above": SUPER_ADDITIVE}.get(
+        outcome, INCONCLUSIVE
+    )
 
 
 def _mib(value: float) -> str:
