@@ -8,6 +8,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from core.errors import CompoundError
+from models.generation import DTYPES, ENGINES
 from models.presets import get_preset
 from optimizations.registry import transform_classes
 
@@ -23,6 +24,23 @@ class WorkloadSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """How requests are served, the same for every configuration: the stage the techniques
+    stand on, not a technique. See `models.generation` for the engines.
+
+    Every block serves its requests at each batch size in turn (`batch_sizes`, the first one
+    primary), so batch sizes are compared inside the same rounds and processes.
+    """
+
+    engine: str = "eager"
+    batch_sizes: tuple[int, ...] = (1,)
+
+    @property
+    def primary_batch(self) -> int:
+        return self.batch_sizes[0]
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,7 @@ class RunSpec:
     transforms: tuple[TransformSpec, ...] = ()
     designs: tuple[str, ...] = ()
     aa_control: bool = False
+    serving: ServingSpec = field(default_factory=ServingSpec)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,6 +206,7 @@ def _check_stored(spec: RunSpec) -> None:
     if len(set(names)) != len(names):
         raise _Invalid("config.configurations names a configuration twice")
     _check_source(spec.source)
+    _check_serving(spec.serving)
     # Names only, and only the suite's list: a configuration whose transform cannot be built
     # fails in its own worker, recorded, while the others are measured.
     known = transform_classes()
@@ -198,6 +218,18 @@ def _check_stored(spec: RunSpec) -> None:
             )
 
 
+def _check_serving(serving: ServingSpec) -> None:
+    if serving.engine not in ENGINES:
+        raise _Invalid(
+            f"config.serving.engine must be one of {', '.join(ENGINES)}, got {serving.engine!r}"
+        )
+    sizes = serving.batch_sizes
+    if not sizes or any(size < 1 for size in sizes) or len(set(sizes)) != len(sizes):
+        raise _Invalid(
+            f"config.serving.batch_sizes must be distinct sizes of at least 1, got {list(sizes)}"
+        )
+
+
 def _check_source(source: ModelSource) -> None:
     if (source.preset is None) == (source.model_path is None):
         raise _Invalid("config.source must name exactly one of preset and model_path")
@@ -206,6 +238,10 @@ def _check_source(source: ModelSource) -> None:
             get_preset(source.preset)
         except CompoundError as error:
             raise _Invalid(f"config.source.preset: {error}") from None
+    if source.dtype not in DTYPES:
+        raise _Invalid(
+            f"config.source.dtype must be one of {', '.join(DTYPES)}, got {source.dtype!r}"
+        )
     device = source.device
     if device != "cpu" and not (device == "cuda" or device.removeprefix("cuda:").isdigit()):
         raise _Invalid(f"config.source.device must be cpu, cuda or cuda:N, got {device!r}")

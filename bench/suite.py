@@ -12,6 +12,7 @@ plan → start (or resume) → measure (checks, then interleaved rounds) → ana
 
 from __future__ import annotations
 
+import gc
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -20,7 +21,14 @@ from typing import Any
 
 import torch
 
-from bench.configuration import ModelSource, Protocol, RunSpec, TransformSpec, WorkloadSpec
+from bench.configuration import (
+    ModelSource,
+    Protocol,
+    RunSpec,
+    ServingSpec,
+    TransformSpec,
+    WorkloadSpec,
+)
 from bench.designs import BASELINE, build_configurations
 from bench.judge import analysis
 from bench.judge.analysis import RunTables
@@ -31,6 +39,7 @@ from bench.measure.environment import collect_environment
 from bench.measure.loading import load_bundle, resolve_device
 from bench.measure.preflight import REJECTED, check_fit, run_preflight, unmet_requirements
 from bench.measure.runner import RunOutcome, run_rounds
+from bench.measure.trackers.energy import measure_idle_power, select_energy_meter
 from bench.report.markdown import markdown_report
 from bench.store import RUN_JSON, RunStore, load_run
 from core.errors import CompoundError, RunInterrupted
@@ -81,10 +90,20 @@ def plan(
     protocol: Protocol,
     *,
     aa_control: bool = True,
+    serving: ServingSpec | None = None,
 ) -> RunSpec:
     """The suite's configurations: the designs over the transforms, plus the A/A control."""
     configurations = build_configurations(transforms, designs, aa_control)
-    return RunSpec(source, configurations, workload, protocol, transforms, designs, aa_control)
+    return RunSpec(
+        source,
+        configurations,
+        workload,
+        protocol,
+        transforms,
+        designs,
+        aa_control,
+        serving or ServingSpec(),
+    )
 
 
 @dataclass
@@ -99,7 +118,7 @@ class Suite:
 
 def drop_unrunnable(spec: RunSpec, bundle: ModelBundle) -> tuple[RunSpec, dict[str, str]]:
     """Leave out transforms whose requirements this machine cannot meet, saying why."""
-    skipped = unmet_requirements(spec.transforms, bundle)
+    skipped = unmet_requirements(spec.transforms, bundle, spec.serving.engine)
     if not skipped:
         return spec, {}
     kept = tuple(t for t in spec.transforms if t.name not in skipped)
@@ -215,13 +234,31 @@ def check(suite: Suite, say: Say = _quiet) -> None:
             store.update_meta("accuracy_by_kind", result.accuracy_by_kind)
 
 
+def release_baseline(suite: Suite) -> None:
+    """Drop the parent's checked copy before the workers load theirs: on a GPU its memory
+    would otherwise sit beside every worker's."""
+    suite.baseline = None
+    gc.collect()
+    if torch.device(suite.spec.source.device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def idle_power(spec: RunSpec) -> dict[str, Any] | None:
+    """The device's idle power from the run's own energy meter (None when it only estimates)."""
+    device = torch.device(spec.source.device)
+    return measure_idle_power(select_energy_meter(device, spec.protocol.watts_per_core))
+
+
 def measure(suite: Suite, say: Say = _quiet) -> RunOutcome:
     """The checks, then the interleaved rounds; Ctrl-C leaves a run that `resume` continues."""
     store = suite.store
     store.set_state("running")
     try:
         check(suite, say)
-        suite.baseline = None  # the workers load their own copies
+        release_baseline(suite)
+        if "idle_power" not in store.meta:  # once per run, before any worker starts
+            say("measuring the device's idle power")
+            store.update_meta("idle_power", idle_power(suite.spec))
         outcome = run_rounds(suite.spec, store, progress=lambda m: say(f"measuring: {m}"))
     except KeyboardInterrupt:
         store.set_state("interrupted")
@@ -245,23 +282,40 @@ def measure(suite: Suite, say: Say = _quiet) -> RunOutcome:
 
 
 def analyse(store: RunStore, spec: RunSpec) -> RunTables:
-    """Recompute every table and the verdict from the stored records; write them beside them."""
+    """Recompute every table and the verdict from the stored records; write them beside them.
+
+    Tables and the verdict read the primary batch size; a sweep adds batches.csv and one
+    verdict per further batch size (verdict.json's `by_batch_size`).
+    """
     loaded = load_run(store.path)
-    samples = loaded.samples
+    sizes = analysis.batch_sizes_of(loaded.samples)
+    samples = analysis.at_batch(loaded.samples, sizes[0])
     summary = analysis.summary_table(samples)
     checks = {r["config"]: r for r in loaded.extras if r["kind"] == "preflight"}
+    names = [t.name for t in spec.transforms]
+    verdict = judge(samples, names, checks, spec.protocol).to_dict()
+    verdict["batch_size"] = sizes[0]
+    if len(sizes) > 1:
+        verdict["by_batch_size"] = {
+            str(size): judge(
+                analysis.at_batch(loaded.samples, size), names, checks, spec.protocol
+            ).to_dict()
+            for size in sizes[1:]
+        }
     tables = RunTables(
         summary=summary,
         shares=module_shares(samples),
         comparisons=analysis.comparisons(samples, BASELINE),
         flags=analysis.flags(samples, summary),
         failures=loaded.failures,
-        verdict=judge(samples, [t.name for t in spec.transforms], checks, spec.protocol).to_dict(),
+        verdict=verdict,
         busy=busy_summary(samples),
+        batches=analysis.batch_table(loaded.samples, sizes),
     )
     store.write_summary(summary)
     store.write_text("module_shares.csv", tables.shares.to_csv(index=False))
     store.write_text("comparisons.csv", tables.comparisons.to_csv(index=False))
+    store.write_text("batches.csv", tables.batches.to_csv(index=False))
     store.write_text("verdict.json", json_text(tables.verdict))
     store.write_text("report.md", markdown_report(store.meta, tables))
     store.set_state("complete")
@@ -283,5 +337,6 @@ def json_report(store: RunStore, tables: RunTables) -> dict[str, Any]:
         "verdict": tables.verdict,
         "flags": tables.flags,
         "busy": tables.busy,
+        "batches": tables.batches.to_dict(orient="records"),
         "failures": tables.failures.to_dict(orient="records"),
     }

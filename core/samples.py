@@ -9,11 +9,20 @@ Source = Literal["measured", "estimated", "declared", "derived"]
 SOURCES: tuple[str, ...] = ("measured", "estimated", "declared", "derived")
 # The `extra` field naming the epoch (worker process) a sample was measured in.
 PROCESS_KEY = "process"
+BATCH_KEY = "batch_size"
 
 
 def process_of(extra: object) -> int:
     """The epoch of a sample's `extra`; runs from before replication had only epoch 0."""
     return int(extra.get(PROCESS_KEY, 0)) if isinstance(extra, dict) else 0
+
+
+def batch_of(extra: object) -> int | None:
+    """The batch size a sample was served at; None for records that belong to no one batch
+    size (cold starts, applied figures) and for runs from before batching (all at 1)."""
+    if isinstance(extra, dict) and BATCH_KEY in extra:
+        return int(extra[BATCH_KEY])
+    return None
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 
 from core.errors import CompoundError
 from models.bundle import ModelBundle
+from models.generation import ENGINES
 from optimizations.params import Param
 from optimizations.requirements import unmet_requirement
 
@@ -70,6 +71,10 @@ class Transform(ABC):
     # float32 (see `tolerance_for`); None for lossy transforms, whose cost is measured instead.
     tolerance: ClassVar[float | None]
     requires: ClassVar[frozenset[str]] = frozenset()
+    # The execution engines (`models.generation.ENGINES`) it runs under; a run on another
+    # engine reports it incompatible, with `engine_reason`, before anything is timed.
+    engines: ClassVar[frozenset[str]] = frozenset(ENGINES)
+    engine_reason: ClassVar[str] = ""
     conflicts_with: ClassVar[frozenset[str]] = frozenset()
     params: ClassVar[tuple[Param, ...]] = ()
     figures: ClassVar[tuple[Figure, ...]] = ()
@@ -102,6 +107,7 @@ class Transform(ABC):
             "lossless": cls.lossless,
             "tolerance": cls.tolerance,
             "requires": sorted(cls.requires),
+            "engines": [engine for engine in ENGINES if engine in cls.engines],
             "conflicts_with": sorted(cls.conflicts_with),
             "params": [p.describe() for p in cls.params],
             "figures": [f.describe() for f in cls.figures],
@@ -121,6 +127,13 @@ class Transform(ABC):
             if reason is not None:
                 return reason
         return None
+
+    def engine_problem(self, engine: str) -> str | None:
+        """Why this transform cannot run under `engine`, or None."""
+        if engine in self.engines:
+            return None
+        runs = ", ".join(e for e in ENGINES if e in self.engines)
+        return f"incompatible with engine {engine} (runs under {runs}): {self.engine_reason}"
 
     def validate_for(self, bundle: ModelBundle) -> None:
         """Raise CompoundError if the parameters or the model's structure do not fit.

@@ -229,6 +229,11 @@ class VisualTokenPruning(Transform):
     targets = ("layers.*.attention", "layers.*.mlp")
     lossless = False
     tolerance = None
+    engines = frozenset({"eager"})
+    engine_reason = (
+        "its layers after K cache fewer positions than the prompt, which needs generate()'s "
+        "DynamicCache; a static cache (and a captured graph) has one fixed length per layer"
+    )
     figures = (KEPT,)
     params = (
         Param(

@@ -18,16 +18,18 @@ def test_serve_adds_the_planted_fraction_and_really_waits_it(monkeypatch, slowdo
     monkeypatch.setattr(
         worker_module,
         "serve_timed",
-        lambda *args: RequestTiming(prefill=model_seconds / 2, end_to_end=model_seconds),
+        lambda *args, **kwargs: RequestTiming(prefill=model_seconds / 2, end_to_end=model_seconds),
     )
     stub = SimpleNamespace(
         bundle=None,
         spec=SimpleNamespace(workload=SimpleNamespace(new_tokens=4)),
         clock=None,
+        engine="eager",
+        cache_length=None,
         configuration=Configuration("planted", slowdown=slowdown),
     )
     started = time.perf_counter()
-    timing = worker_module.Worker.serve(stub, request=None)
+    timing = worker_module.Worker.serve(stub, batch=[])
     waited = time.perf_counter() - started
     assert timing.end_to_end == pytest.approx(model_seconds * (1 + slowdown))
     assert timing.prefill == model_seconds / 2  # the plant lands after the model, not in prefill

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.configuration import TransformSpec
+from bench.configuration import ServingSpec, TransformSpec
 from core.errors import CompoundError
 from core.jsonio import json_text
 from models.bundle import ModelBundle
 from models.checkpoint import CACHE_ENV_VAR, cache_dir, load_model_dir, load_trained
+from models.generation import DTYPES, ENGINES, check_engine
 from models.presets import DEFAULT_PRESET, PRESETS
 from optimizations.registry import get_transform
 
@@ -75,7 +76,7 @@ def check_bounds(args: argparse.Namespace, bounds: dict[str, Bound]) -> None:
     lifted = bool(getattr(args, "no_limits", False))
     for dest, bound in bounds.items():
         value = getattr(args, dest)
-        values = value if isinstance(value, list) else [value]
+        values = value if isinstance(value, list | tuple) else [value]
         for item in values:
             problem = None if item is None else bound.problem(item, lifted)
             if problem:
@@ -203,3 +204,50 @@ def parse_transforms(names: str, assignments: list[str] | None) -> tuple[Transfo
         transform = get_transform(name, params[name])  # unknown names and bad values fail here
         specs.append(TransformSpec(name, dict(transform.values)))
     return tuple(specs)
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """argparse type: '8' or '1,8,32' → distinct positive batch sizes, the first primary."""
+    sizes = []
+    for part in text.split(","):
+        sizes.append(positive_int(part.strip()))
+    if len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be distinct, got {text!r}")
+    return tuple(sizes)
+
+
+def add_serving_args(parser: argparse.ArgumentParser) -> None:
+    """--engine, --batch-size and --dtype: how every configuration is served."""
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", *ENGINES),
+        help="execution engine for every configuration: eager (HF generate, dynamic cache), "
+        "static (static KV cache) or graphs (static cache, decode step in CUDA graphs; CUDA "
+        "only); auto: graphs on CUDA, eager on CPU (measured faster there than static)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=batch_sizes,
+        default=(1,),
+        metavar="N[,N...]",
+        help="requests served together (prompts left-padded, the image fraction held in each "
+        "batch); a list like 1,8,32 serves every block at each size, the first one primary "
+        "(default 1)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", *DTYPES),
+        help="weights and activations: auto is bfloat16 on CUDA and float32 on CPU; lossless "
+        "tolerances scale with the dtype's machine epsilon",
+    )
+
+
+def serving_for(args: argparse.Namespace, device: str) -> tuple[str, ServingSpec]:
+    """The dtype and serving the flags ask for on `device` (auto resolved), checked."""
+    cuda = device.startswith("cuda")
+    dtype = ("bfloat16" if cuda else "float32") if args.dtype == "auto" else args.dtype
+    engine = ("graphs" if cuda else "eager") if args.engine == "auto" else args.engine
+    check_engine(engine, device)
+    return dtype, ServingSpec(engine=engine, batch_sizes=tuple(args.batch_size))

@@ -7,6 +7,7 @@ Results land in results/<run-id>/ (see `bench.suite`); a killed run continues wi
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from bench.commands.common import (
     add_json_arg,
     add_model_args,
     add_no_limits_arg,
+    add_serving_args,
     check_bounds,
     finite_float,
     fraction,
@@ -27,6 +29,7 @@ from bench.commands.common import (
     path_arg,
     positive_int,
     print_json,
+    serving_for,
 )
 from bench.configuration import START_METHODS, Protocol, RunSpec, WorkloadSpec
 from bench.designs import DESIGNS, parse_designs
@@ -39,6 +42,7 @@ DEFAULT_RESULTS = Path("results")
 BOUNDS: dict[str, Bound] = {
     "threads": Bound(low=1, high=1024),
     "requests": Bound(low=1, cap=256, why=HOURS),
+    "batch_size": Bound(low=1, cap=512, why=HOURS),
     "new_tokens": Bound(low=1, cap=512, why=HOURS),
     "min_rounds": Bound(low=1, cap=10_000, why=HOURS),
     "min_seconds": Bound(low=0, cap=3600, why=HOURS),
@@ -107,6 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch threads per worker (default: all cores)",
     )
     parser.add_argument("--requests", type=positive_int, default=8, help="requests per block")
+    add_serving_args(parser)
     parser.add_argument(
         "--image-fraction",
         type=fraction,
@@ -245,6 +250,8 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
     source = suite.model_source(
         args.preset, args.model, args.cache_dir, args.device, trained=args.trained
     )
+    dtype, serving = serving_for(args, source.device)
+    source = replace(source, dtype=dtype)
     protocol = Protocol(
         min_rounds=args.min_rounds,
         min_seconds=args.min_seconds,
@@ -271,7 +278,13 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
     transforms = parse_transforms(args.transforms, args.param)
     designs = parse_designs(args.design)
     return suite.plan(
-        source, transforms, designs, workload, protocol, aa_control=not args.no_aa_control
+        source,
+        transforms,
+        designs,
+        workload,
+        protocol,
+        aa_control=not args.no_aa_control,
+        serving=serving,
     )
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 from bench.judge.replicated import Estimate, Rounds, saving
 from bench.judge.stats import summarize
-from core.samples import process_of
+from core.samples import batch_of, process_of
 
 # Metrics recorded once per request; a block's value is their mean (the mixed workload is
 # bimodal, image vs text, so a per-block median would jump between the two modes).
@@ -66,6 +66,70 @@ class RunTables:
     failures: pd.DataFrame
     verdict: dict[str, Any]
     busy: dict[str, Any] = field(default_factory=dict)  # `judge.busy.busy_summary`
+    batches: pd.DataFrame = field(default_factory=pd.DataFrame)  # `batch_table`
+
+
+# Per configuration and batch size in batches.csv: the median over rounds of each.
+BATCH_METRICS: dict[str, str] = {
+    "latency_e2e_s": "latency per request (s)",
+    "latency_prefill_s": "time to first token (s)",
+    "latency_decode_per_token_s": "decode per token (s)",
+    "throughput_rps": "requests/s",
+    "throughput_tps": "tokens/s",
+    "energy_per_token_j": "energy per token (J)",
+    "energy_above_idle_per_token_j": "energy above idle per token (J)",
+}
+
+
+def batch_sizes_of(samples: pd.DataFrame) -> list[int]:
+    """The batch sizes a run served, in the order first stored (runs before batching: [1])."""
+    sizes = [batch_of(extra) for extra in samples["extra"]]
+    return list(dict.fromkeys(size for size in sizes if size is not None)) or [1]
+
+
+def at_batch(samples: pd.DataFrame, batch_size: int) -> pd.DataFrame:
+    """The samples served at `batch_size`, plus those that belong to no one batch size (cold
+    starts, applied figures), so every table and verdict reads one serving point."""
+    keep = np.array([batch_of(e) in (None, batch_size) for e in samples["extra"]], dtype=bool)
+    return samples.loc[keep]
+
+
+def batch_table(samples: pd.DataFrame, sizes: list[int]) -> pd.DataFrame:
+    """Per configuration and batch size: medians over rounds of the serving figures, and the
+    throughput relative to the same configuration at the first batch size."""
+    records = []
+    for size in sizes:
+        served = at_batch(samples, size)
+        for metric, label in BATCH_METRICS.items():
+            values = block_values(served, metric)
+            for config in values.columns:
+                column = values[config].dropna()
+                if column.empty:
+                    continue
+                records.append(
+                    {
+                        "config": config,
+                        "batch_size": size,
+                        "metric": metric,
+                        "label": label,
+                        "median": float(column.median()),
+                        "rounds": int(len(column)),
+                    }
+                )
+    table = pd.DataFrame.from_records(
+        records, columns=["config", "batch_size", "metric", "label", "median", "rounds"]
+    )
+    if table.empty:
+        return table
+    throughput = table[table.metric == "throughput_rps"].set_index(["config", "batch_size"])
+    first = throughput.xs(sizes[0], level="batch_size")["median"]
+    table["throughput_x"] = [
+        throughput.loc[(row.config, row.batch_size), "median"] / first[row.config]
+        if row.metric == "throughput_rps" and row.config in first.index
+        else np.nan
+        for row in table.itertuples()
+    ]
+    return table
 
 
 def timed(samples: pd.DataFrame) -> pd.DataFrame:

@@ -60,8 +60,11 @@ def check_fit(transforms: Sequence[TransformSpec], shape: ModelBundle) -> None:
         get_transform(spec.name, spec.params).validate_for(shape)
 
 
-def unmet_requirements(transforms: Sequence[TransformSpec], bundle: ModelBundle) -> dict[str, str]:
-    """Transform name → why it cannot run here (CUDA, versions), for those that cannot.
+def unmet_requirements(
+    transforms: Sequence[TransformSpec], bundle: ModelBundle, engine: str = "eager"
+) -> dict[str, str]:
+    """Transform name → why it cannot run here (CUDA, versions, the run's engine), for those
+    that cannot.
 
     The others are checked against the model's structure at once, so a parameter that does
     not fit the model (a layer it lacks) fails before any result directory is made.
@@ -69,7 +72,7 @@ def unmet_requirements(transforms: Sequence[TransformSpec], bundle: ModelBundle)
     reasons = {}
     for spec in transforms:
         transform = get_transform(spec.name, spec.params)
-        reason = transform.check_requirements(bundle)
+        reason = transform.engine_problem(engine) or transform.check_requirements(bundle)
         if reason is None:
             transform.validate_for(bundle)
         else:

@@ -70,7 +70,7 @@ def _receive(live: _Live, timeout: float) -> tuple:
 FORKSERVER_PRELOAD = ["torch", "transformers", "bench.measure.worker"]
 
 
-def _start(spec: RunSpec, index: int) -> _Live:
+def _start(spec: RunSpec, index: int, idle_watts: float | None = None) -> _Live:
     """Start one worker. It inherits SIGINT ignored (a disposition kept across exec, and the
     fork server started here keeps it for its children), so a Ctrl-C in the terminal reaches
     only the parent, which stops the workers quietly.
@@ -83,7 +83,9 @@ def _start(spec: RunSpec, index: int) -> _Live:
         mp.set_forkserver_preload(FORKSERVER_PRELOAD)
     context = mp.get_context(method)
     parent, child = context.Pipe()
-    process = context.Process(target=worker_main, args=(child, spec.to_dict(), index), daemon=True)
+    process = context.Process(
+        target=worker_main, args=(child, spec.to_dict(), index, idle_watts), daemon=True
+    )
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         process.start()
@@ -214,7 +216,7 @@ def _start_epoch(
         for name in start_order(names, spec.protocol.seed, epoch):
             say(f"process {epoch + 1}/{spec.protocol.processes}: starting {name}")
             started = time.perf_counter()
-            worker = _start(spec, index[name])
+            worker = _start(spec, index[name], idle_watts(store))
             try:
                 message = _receive(worker, BLOCK_TIMEOUT_S)
             except (TimeoutError, RuntimeError) as error:
@@ -236,6 +238,12 @@ def _start_epoch(
             _stop(worker)
         raise
     return live
+
+
+def idle_watts(store: RunStore) -> float | None:
+    """The device's idle power the parent measured for this run, if its meter measures."""
+    idle = store.meta.get("idle_power")
+    return float(idle["watts"]) if isinstance(idle, dict) else None
 
 
 def _start_sample(name: str, block: int, seconds: float) -> Sample:
@@ -294,7 +302,8 @@ def _epoch_rounds(
                 continue
             samples = _labelled([Sample.from_dict(s) for s in message[1]], epoch, round_index)
             store.append_block(name, round_index, samples)
-            seconds = next(s.value for s in samples if s.metric == "block_seconds")
+            # One block_seconds per batch size served: the block's timed seconds are their sum.
+            seconds = sum(s.value for s in samples if s.metric == "block_seconds")
             state.add(name, round_index, epoch, seconds)
         least = min((state.done(n, epoch)[1] for n in live), default=0.0)
         say(

@@ -8,6 +8,7 @@ Messages over the pipe: parent sends ("block", index) or ("stop",); the worker a
 
 from __future__ import annotations
 
+import random
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -18,14 +19,14 @@ import torch
 from bench.configuration import Configuration, RunSpec
 from bench.measure.loading import apply_configuration, load_bundle
 from bench.measure.trackers.cost import carbon_sample, cost_sample
-from bench.measure.trackers.energy import select_energy_meter
+from bench.measure.trackers.energy import per_request_energy, select_energy_meter
 from bench.measure.trackers.events import EventTracker
 from bench.measure.trackers.latency import Clock, RequestTiming, set_threads, synchronize
 from bench.measure.trackers.memory import MemoryTracker
 from bench.measure.trackers.modules import ModuleTimer
 from bench.measure.trackers.system_load import LoadMeter
-from bench.measure.workload import build_requests, serve_timed
-from core.samples import Sample, Source
+from bench.measure.workload import batches, build_requests, cache_length, serve_timed
+from core.samples import BATCH_KEY, Sample, Source
 from models.generation import generate
 from models.prompting import Request
 
@@ -41,8 +42,11 @@ def _busy_wait(seconds: float) -> None:
 class Worker:
     """Holds one configuration's bundle and requests, and measures one block at a time."""
 
-    def __init__(self, spec: RunSpec, configuration: Configuration) -> None:
+    def __init__(
+        self, spec: RunSpec, configuration: Configuration, idle_watts: float | None = None
+    ) -> None:
         self.spec = spec
+        self.idle_watts = idle_watts
         self.configuration = configuration
         self.name = configuration.name
         set_threads(spec.protocol.threads)
@@ -53,6 +57,9 @@ class Worker:
         self.events = EventTracker(self.device)
         self.bundle.events.listener = self.events
         self.requests = build_requests(self.bundle, spec.workload)
+        self.engine = spec.serving.engine
+        self.cache_length = cache_length(self.requests, spec.workload.new_tokens)
+        self.batches = {size: batches(self.requests, size) for size in spec.serving.batch_sizes}
         self.meter = select_energy_meter(self.device, spec.protocol.watts_per_core)
         self.load = LoadMeter()
 
@@ -74,8 +81,15 @@ class Worker:
             self.name, block, metric, value, unit, module, source, t_start, t_end, dict(extra)
         )
 
-    def serve(self, request: Request) -> RequestTiming:
-        timing = serve_timed(self.bundle, request, self.spec.workload.new_tokens, self.clock)
+    def serve(self, batch: list[Request]) -> RequestTiming:
+        timing = serve_timed(
+            self.bundle,
+            batch,
+            self.spec.workload.new_tokens,
+            self.clock,
+            engine=self.engine,
+            cache_length=self.cache_length,
+        )
         if self.configuration.slowdown:
             extra = timing.end_to_end * self.configuration.slowdown
             _busy_wait(extra)
@@ -85,13 +99,15 @@ class Worker:
     def warm_up(self) -> list[Sample]:
         """The cold first call is its own figure; the warm-up calls after it are discarded.
 
+        Every batch size is warmed up (with `graphs`, its CUDA graph is captured here).
         The figures the transforms reported on being applied (bytes freed) and while warming
         up (the first, cold wake) are stored with the cold call, before the timed rounds.
         """
         t_start = time.time()
-        cold = self.serve(self.requests[0])
-        for i in range(self.spec.protocol.warmup_requests):
-            self.serve(self.requests[i % len(self.requests)])
+        cold = self.serve([self.requests[0]])
+        for size, served in self.batches.items():
+            for i in range(max(self.spec.protocol.warmup_requests, 1 if size > 1 else 0)):
+                self.serve(served[i % len(served)])
         window = (t_start, time.time())
         modality = self.requests[0].example.modality
         samples = [
@@ -114,18 +130,31 @@ class Worker:
         return samples + self.events.samples(self.name, COLD, *window)
 
     def run_block(self, block: int) -> list[Sample]:
+        """The block at every batch size, in an order shuffled per block (no size always
+        first); each size has its own windows, and every sample says its batch size."""
+        sizes = list(self.spec.serving.batch_sizes)
+        random.Random(f"{self.spec.protocol.seed}:{block}").shuffle(sizes)
+        samples = []
+        for size in sizes:
+            served = self.serve_at(block, size)
+            for sample in served:
+                sample.extra[BATCH_KEY] = size
+            samples += served
+        return samples
+
+    def serve_at(self, block: int, batch_size: int) -> list[Sample]:
         memory = MemoryTracker(self.device, module=self.bundle.model)
         with self.load.window() as load, self.meter.window() as energy, memory:
             t_start = time.time()
             wall_start = time.perf_counter()
-            timings = self.serve_block(wall_start)
+            served = self.serve_block(self.batches[batch_size], wall_start)
             synchronize(self.device)
             wall = time.perf_counter() - wall_start
             t_end = time.time()
         window = (t_start, t_end)
-        samples = self.request_samples(block, timings, window)
-        n = len(timings)
-        tokens = sum(t.new_tokens for t in timings)
+        samples = self.batch_samples(block, served, window)
+        n = sum(len(batch) for batch, _ in served)
+        tokens = sum(len(batch) * timing.new_tokens for batch, timing in served)
         block_figures = {
             "block_seconds": (wall, "s"),
             "latency_mean_s": (wall / n, "s"),
@@ -140,6 +169,7 @@ class Worker:
         for sample in energy_samples:
             sample.extra["requests"] = n
         samples += energy_samples
+        samples += per_request_energy(energy_samples, n, tokens, self.idle_watts)
         samples += memory.samples(self.name, block)
         samples += load.samples(self.name, block)
         protocol = self.spec.protocol
@@ -156,55 +186,89 @@ class Worker:
         )
         samples += [carbon_sample(s, protocol.grid_g_per_kwh) for s in energy_samples]
         samples += self.events.samples(self.name, block, t_start, t_end)
-        if protocol.module_pass_every and block % protocol.module_pass_every == 0:
-            samples += self.module_pass(block, wall)
+        primary = batch_size == self.spec.serving.primary_batch
+        if primary and protocol.module_pass_every and block % protocol.module_pass_every == 0:
+            passes = len(served) // len(self.batches[batch_size])
+            samples += self.module_pass(block, wall / passes)
         return samples
 
-    def serve_block(self, wall_start: float) -> list[RequestTiming]:
-        """The block's requests, served again whole until the block lasts `min_block_seconds`:
+    def serve_block(
+        self, served: list[list[Request]], wall_start: float
+    ) -> list[tuple[list[Request], RequestTiming]]:
+        """The block's batches, served again whole until the block lasts `min_block_seconds`:
         NVML's energy counter updates every ~100 ms, so shorter windows are quantised."""
-        timings: list[RequestTiming] = []
+        timings: list[tuple[list[Request], RequestTiming]] = []
         while True:
-            timings += [self.serve(request) for request in self.requests]
+            timings += [(batch, self.serve(batch)) for batch in served]
             synchronize(self.device)
             shortest = max(self.spec.protocol.min_block_seconds, self.meter.min_window_s)
             if time.perf_counter() - wall_start >= shortest:
                 return timings
 
-    def request_samples(
-        self, block: int, timings: list[RequestTiming], window: tuple[float, float]
+    def batch_samples(
+        self,
+        block: int,
+        served: list[tuple[list[Request], RequestTiming]],
+        window: tuple[float, float],
     ) -> list[Sample]:
+        """Per-request latencies; a batch's requests share one timing, stored once per batch
+        with how many requests (and images) it held."""
         samples = []
-        passes = len(timings) // len(self.requests)
-        for i, (request, timing) in enumerate(zip(self.requests * passes, timings, strict=True)):
+        index = {id(request): i for i, request in enumerate(self.requests)}
+        for batch, timing in served:
             per_request = {"latency_e2e_s": timing.end_to_end, "latency_prefill_s": timing.prefill}
             if timing.time_per_output_token is not None:
                 per_request["latency_decode_per_token_s"] = timing.time_per_output_token
+            modalities = {request.example.modality for request in batch}
+            where: dict[str, Any] = {
+                "modality": modalities.pop() if len(modalities) == 1 else "mixed"
+            }
+            if len(batch) == 1:
+                where["request"] = index[id(batch[0])]
+            else:
+                where["requests"] = len(batch)
+                where["images"] = sum(r.pixel_values is not None for r in batch)
             for metric, value in per_request.items():
-                samples.append(
-                    self.sample(
-                        block,
-                        metric,
-                        value,
-                        "s",
-                        window,
-                        request=i % len(self.requests),
-                        modality=request.example.modality,
-                    )
-                )
+                samples.append(self.sample(block, metric, value, "s", window, **where))
         return samples
 
-    def module_pass(self, block: int, unhooked_seconds: float) -> list[Sample]:
-        """Serve the block again with hooks on, for per-module time and the hooks' own overhead.
+    @property
+    def module_engine(self) -> str:
+        """The engine of the hooked pass: hooks do not fire inside a replayed CUDA graph, so
+        under `graphs` modules are timed with the same static cache, uncaptured."""
+        return "static" if self.engine == "graphs" else self.engine
+
+    def serve_once(self) -> float:
+        """Wall seconds of one pass over the primary batch size's batches, unhooked."""
+        wall_start = time.perf_counter()
+        self.generate_primary()
+        synchronize(self.device)
+        return time.perf_counter() - wall_start
+
+    def generate_primary(self) -> None:
+        for batch in self.batches[self.spec.serving.primary_batch]:
+            generate(
+                self.bundle,
+                batch,
+                self.spec.workload.new_tokens,
+                engine=self.module_engine,
+                cache_length=self.cache_length,
+            )
+
+    def module_pass(self, block: int, unhooked_pass_seconds: float) -> list[Sample]:
+        """Serve the block's batches once more with hooks on, for per-module time and the
+        hooks' own overhead against one unhooked pass (timed again here when the hooked pass
+        runs another engine than the block did).
 
         The transforms' events are not listened to here: this pass is not a timed block.
         """
         self.bundle.events.listener = None
+        if self.module_engine != self.engine:
+            unhooked_pass_seconds = self.serve_once()
         t_start = time.time()
         with ModuleTimer(self.bundle.handles(), self.device) as timer:
             wall_start = time.perf_counter()
-            for request in self.requests:
-                generate(self.bundle, request, self.spec.workload.new_tokens)
+            self.generate_primary()
             synchronize(self.device)
             hooked = time.perf_counter() - wall_start
             totals = timer.collect()
@@ -212,12 +276,19 @@ class Worker:
         window = (t_start, time.time())
         samples = [
             self.sample(
-                block, "module_time_s", value.seconds, "s", window, module=module, calls=value.calls
+                block,
+                "module_time_s",
+                value.seconds,
+                "s",
+                window,
+                module=module,
+                calls=value.calls,
+                engine=self.module_engine,
             )
             for module, value in totals.items()
         ]
         samples.append(self.sample(block, "hooked_block_seconds", hooked, "s", window))
-        overhead = hooked / unhooked_seconds - 1.0
+        overhead = hooked / unhooked_pass_seconds - 1.0
         samples.append(
             self.sample(block, "hook_overhead", overhead, "fraction", window, source="derived")
         )
@@ -229,11 +300,17 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".strip()
 
 
-def worker_main(conn: Connection, spec_data: dict[str, Any], config_index: int) -> None:
-    """Entry point of the spawned process."""
+def worker_main(
+    conn: Connection,
+    spec_data: dict[str, Any],
+    config_index: int,
+    idle_watts: float | None = None,
+) -> None:
+    """Entry point of the spawned process; `idle_watts` is the device's idle power, measured
+    once per run by the parent (None when its meter only estimates)."""
     try:
         spec = RunSpec.from_dict(spec_data)
-        worker = Worker(spec, spec.configurations[config_index])
+        worker = Worker(spec, spec.configurations[config_index], idle_watts)
         conn.send(("ready", [s.to_dict() for s in worker.warm_up()]))
     except Exception as error:  # report, then exit: the parent records the failure
         conn.send(("error", _one_line(error), traceback.format_exc()))

@@ -1,10 +1,13 @@
-"""The workload: a fixed list of requests (image + question, or text only) and how one is timed.
+"""The workload: a fixed list of requests (image + question, or text only), how it is cut
+into batches, and how one batch is timed.
 
 Every configuration serves the same requests with greedy decoding and a fixed number of new
 tokens, so each does exactly the same work and only its speed may differ.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -23,6 +26,34 @@ def build_requests(bundle: ModelBundle, spec: WorkloadSpec) -> list[Request]:
     return [bundle.prompts.encode(example) for example in examples]
 
 
+def batches(requests: list[Request], batch_size: int) -> list[list[Request]]:
+    """The block's requests cut into batches of `batch_size`, each holding the block's image
+    fraction (to the nearest whole request): ceil(len / batch_size) batches, drawn in turn from
+    the image and the text requests, so a batch larger than the block repeats requests.
+
+    Batch size 1 serves the requests one by one, in order.
+    """
+    if batch_size == 1:
+        return [[request] for request in requests]
+    images = [r for r in requests if r.pixel_values is not None]
+    texts = [r for r in requests if r.pixel_values is None]
+    per_batch = round(batch_size * len(images) / len(requests))
+    image_cycle = itertools.cycle(images) if images else iter(())
+    text_cycle = itertools.cycle(texts) if texts else iter(())
+    count = -(-len(requests) // batch_size)
+    return [
+        [next(image_cycle) for _ in range(per_batch)]
+        + [next(text_cycle) for _ in range(batch_size - per_batch)]
+        for _ in range(count)
+    ]
+
+
+def cache_length(requests: list[Request], new_tokens: int) -> int:
+    """One static-cache length every request of the workload fits: the longest prompt plus
+    the new tokens (a fixed bucket, so no request re-allocates the cache or re-captures)."""
+    return max(len(r.input_ids) for r in requests) + new_tokens
+
+
 class _TokenClock(LogitsProcessor):
     """Marks the moment each new token's logits exist: the first mark ends prefill."""
 
@@ -36,9 +67,16 @@ class _TokenClock(LogitsProcessor):
 
 
 def serve_timed(
-    bundle: ModelBundle, request: Request, new_tokens: int, clock: Clock
+    bundle: ModelBundle,
+    batch: list[Request],
+    new_tokens: int,
+    clock: Clock,
+    *,
+    engine: str = "eager",
+    cache_length: int | None = None,
 ) -> RequestTiming:
-    """Serve one request and time its phases: prefill (to first token), each decode step, total.
+    """Serve one batch and time its phases: prefill (to first token), each decode step, total.
+    Every request of a batch shares these times: they start and finish together.
 
     Module times are attributed by the per-module hooks in a separate pass, so this path
     carries no hooks of ours.
@@ -46,7 +84,14 @@ def serve_timed(
     tokens = _TokenClock(clock)
     clock.synchronize()
     start = clock.mark()
-    generate(bundle, request, new_tokens, LogitsProcessorList([tokens]))
+    generate(
+        bundle,
+        batch,
+        new_tokens,
+        LogitsProcessorList([tokens]),
+        engine=engine,
+        cache_length=cache_length,
+    )
     end = clock.mark()
     clock.synchronize()
     marks = tokens.marks

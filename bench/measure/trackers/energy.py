@@ -63,6 +63,8 @@ DEFAULT_WATTS_PER_CORE = 7.5
 # updates are excluded (value NaN), as the measurement guide requires windows ≥ 1 s.
 NVML_COUNTER_PERIOD_S = 0.1
 NVML_MIN_WINDOW_S = 1.0
+# Idle power is read over a window long enough that two counter steps are ≤ 7% of it.
+IDLE_WINDOW_S = 3.0
 _PACKAGE_DIR = re.compile(r"^intel-rapl:\d+$")
 
 
@@ -189,6 +191,64 @@ class EnergyMeter(ABC):
             joules = math.nan
         w.joules = joules
         w.warning = "; ".join(warnings) or None
+
+
+def per_request_energy(
+    windows: list[Sample], requests: int, tokens: int, idle_watts: float | None = None
+) -> list[Sample]:
+    """Each energy window divided per request served and per token generated, with the same
+    label; with the device's idle power (`measure_idle_power`), also the energy above idle:
+    the window's joules less idle watts × its seconds (what serving added to standing power)."""
+    derived = []
+    for window in windows:
+        figures = {
+            "energy_per_request_j": (window.value / requests, "J/request"),
+            "energy_per_token_j": (window.value / tokens, "J/token"),
+        }
+        if idle_watts is not None:
+            above = window.value - idle_watts * float(window.extra["window_s"])
+            figures["energy_above_idle_j"] = (above, "J")
+            figures["energy_above_idle_per_token_j"] = (above / tokens, "J/token")
+        for metric, (value, unit) in figures.items():
+            derived.append(
+                Sample(
+                    config=window.config,
+                    block=window.block,
+                    metric=metric,
+                    value=value,
+                    unit=unit,
+                    source=window.source,
+                    t_start=window.t_start,
+                    t_end=window.t_end,
+                    extra={
+                        "meter": window.extra.get("meter"),
+                        "requests": requests,
+                        "tokens": tokens,
+                        "idle_watts": idle_watts,
+                    },
+                )
+            )
+    return derived
+
+
+def measure_idle_power(meter: EnergyMeter, seconds: float = IDLE_WINDOW_S) -> dict[str, Any] | None:
+    """The device's power while nothing runs, from one window of the run's own meter, taken
+    once per run before any worker starts; None when the meter only estimates (an estimate
+    from busy CPU time has no idle power to measure)."""
+    if meter.source != "measured":
+        return None
+    with meter.window() as window:
+        time.sleep(seconds)
+    if not math.isfinite(window.joules):
+        return None
+    return {
+        "watts": window.joules / window.seconds,
+        "seconds": window.seconds,
+        "meter": meter.name,
+        "method": f"{meter.method} over {window.seconds:.1f} s with no work queued",
+        "source": "measured",
+        "quantisation_bound": window.extra.get("quantisation_bound"),
+    }
 
 
 # --- NVML --------------------------------------------------------------------------
