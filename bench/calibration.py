@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from bench.configuration import Configuration, ModelSource, Protocol, RunSpec, WorkloadSpec
+from bench.configuration import (
+    Configuration,
+    ModelSource,
+    Protocol,
+    RunSpec,
+    ServingSpec,
+    WorkloadSpec,
+)
 from bench.judge.mde import COPY, REFERENCE, calibration_report, planted_name
 from bench.measure.environment import collect_environment
 from bench.measure.runner import run_rounds
@@ -35,9 +42,11 @@ def calibration_spec(
     threads: int,
     processes: int = DEFAULT_PROCESSES,
     start_method: str = "forkserver",
+    serving: ServingSpec | None = None,
 ) -> RunSpec:
     """A/A and planted copies of the baseline, each in `processes` worker processes, until
-    `budget` timed seconds are spent in all (worker start-ups come on top)."""
+    `budget` timed seconds are spent in all (worker start-ups come on top); served as a run
+    would be (engine, batch sizes), with blocks of at least 1 s on CUDA as in a run."""
     if any(not 0 < p < 1 for p in planted):
         raise CompoundError("--planted slowdowns must be fractions in (0, 1), e.g. 0.02")
     copies = [Configuration(planted_name(p), slowdown=p) for p in planted]
@@ -53,7 +62,9 @@ def calibration_spec(
             start_method=start_method,
             threads=threads,
             module_pass_every=0,
+            min_block_seconds=1.0 if source.device.startswith("cuda") else 0.0,
         ),
+        serving=serving or ServingSpec(),
     )
 
 

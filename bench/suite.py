@@ -37,9 +37,11 @@ from bench.judge.shares import module_shares
 from bench.judge.suite_verdict import judge
 from bench.measure.environment import collect_environment
 from bench.measure.loading import load_bundle, resolve_device
+from bench.measure.memory_plan import check_fits, estimate_worker, free_bytes
 from bench.measure.preflight import REJECTED, check_fit, run_preflight, unmet_requirements
 from bench.measure.runner import RunOutcome, run_rounds
 from bench.measure.trackers.energy import measure_idle_power, select_energy_meter
+from bench.measure.workload import build_requests, cache_length
 from bench.report.markdown import markdown_report
 from bench.store import RUN_JSON, RunStore, load_run
 from core.errors import CompoundError, RunInterrupted
@@ -138,6 +140,27 @@ def prepare_model(spec: RunSpec, show_progress: bool) -> tuple[dict[str, Any], M
     return {"model": bundle.describe(), "trained_now": trained_now}, bundle
 
 
+def memory_plan(spec: RunSpec, bundle: ModelBundle) -> dict[str, Any]:
+    """Estimate one worker's memory and check every worker alive at once fits what is free
+    (counting the parent's checked copy as free: it is released before any worker starts);
+    one line saying what to change when they do not."""
+    device = torch.device(spec.source.device)
+    requests = build_requests(bundle, spec.workload)
+    estimate = estimate_worker(
+        bundle.model,
+        bundle.dtype,
+        max(spec.serving.batch_sizes),
+        cache_length(requests, spec.workload.new_tokens),
+        device.type,
+    )
+    free = free_bytes(device)
+    if device.type == "cuda":
+        free += torch.cuda.memory_allocated(device)
+    workers = len(spec.configurations)
+    check_fits(estimate, workers, free, device=device.type)
+    return {**estimate.describe(), "workers_alive_at_once": workers, "free_bytes": free}
+
+
 def declared_figures(transforms: tuple[TransformSpec, ...]) -> dict[str, dict[str, str]]:
     """metric → what the transform that reports it declared (label, unit, kind, module)."""
     figures = {}
@@ -165,6 +188,7 @@ def start(
     spec, skipped = drop_unrunnable(spec, bundle)
     for name, reason in skipped.items():
         say(f"skipping transform {name}: {reason}")
+    plan = memory_plan(spec, bundle)
     store = RunStore.create(
         results_dir,
         spec.to_dict(),
@@ -172,6 +196,7 @@ def start(
         run_id,
     )
     store.update_meta("skipped_transforms", skipped)
+    store.update_meta("memory_plan", plan)
     store.update_meta("transform_figures", declared_figures(spec.transforms))
     for key, value in info.items():
         store.update_meta(key, value)
@@ -288,7 +313,7 @@ def analyse(store: RunStore, spec: RunSpec) -> RunTables:
     verdict per further batch size (verdict.json's `by_batch_size`).
     """
     loaded = load_run(store.path)
-    sizes = analysis.batch_sizes_of(loaded.samples)
+    sizes = list(spec.serving.batch_sizes)
     samples = analysis.at_batch(loaded.samples, sizes[0])
     summary = analysis.summary_table(samples)
     checks = {r["config"]: r for r in loaded.extras if r["kind"] == "preflight"}

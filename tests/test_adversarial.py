@@ -380,6 +380,10 @@ STORED_DAMAGE = {
     "unknown device": _set("source.device", "tpu"),
     "zero processes": _set("protocol.processes", 0),
     "margin above 100%": _set("protocol.margin", 5.0),
+    "unknown engine": _set("serving.engine", "warp"),
+    "batch size zero": _set("serving.batch_sizes", [1, 0]),
+    "no batch sizes": _set("serving.batch_sizes", []),
+    "unknown dtype": _set("source.dtype", "int8"),
 }
 FILE_DAMAGE = ("samples.jsonl a FIFO", "samples.jsonl a directory", "samples.jsonl a link loop")
 FILE_DAMAGE += ("writer.lock a FIFO",)

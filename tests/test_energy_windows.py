@@ -60,6 +60,9 @@ class Clock:
     def process_time(self) -> float:
         return self.ns / 1e9
 
+    def sleep(self, seconds: float) -> None:
+        self.advance(seconds)
+
 
 class SteppingNvml(types.ModuleType):
     """Just enough pynvml: the energy counter is floor(t / 100 ms) × step, like NVML's."""
@@ -355,3 +358,27 @@ def test_estimate_and_rapl_keep_short_windows(clock: Clock, tmp_path: Path) -> N
     assert w.seconds == pytest.approx(0.3)
     assert w.joules == pytest.approx(2.5) and w.warning is None
     assert w.extra == {"packages": ["intel-rapl:0"], "wraps": 0}
+
+
+def test_idle_power_is_read_from_the_runs_meter(clock: Clock, nvml: SteppingNvml) -> None:
+    nvml.watts = 61.0
+    idle = energy.measure_idle_power(NvmlEnergyMeter(0))
+    assert idle is not None and idle["source"] == "measured" and idle["seconds"] >= 3.0
+    assert abs(idle["watts"] - 61.0) <= 61.0 * idle["quantisation_bound"]
+    estimate = energy.EstimatedCpuEnergyMeter(7.5)
+    assert energy.measure_idle_power(estimate) is None  # an estimate has no idle to measure
+
+
+def test_energy_per_request_token_and_above_idle_follow_from_the_window() -> None:
+    window = Sample("a", 3, "energy_j", 240.0, "J", source="measured", extra={"window_s": 2.0})
+    rows = {s.metric: s for s in energy.per_request_energy([window], 8, 64, idle_watts=100.0)}
+    assert rows["energy_per_request_j"].value == 30.0
+    assert rows["energy_per_token_j"].value == 240.0 / 64
+    assert rows["energy_above_idle_j"].value == 240.0 - 100.0 * 2.0
+    assert rows["energy_above_idle_per_token_j"].value == 40.0 / 64
+    assert {s.source for s in rows.values()} == {"measured"}
+    assert {(s.config, s.block) for s in rows.values()} == {("a", 3)}
+    plain = energy.per_request_energy([window], 8, 64)
+    assert {s.metric for s in plain} == {"energy_per_request_j", "energy_per_token_j"}
+    excluded = Sample("a", 3, "energy_j", math.nan, "J", source="measured", extra={"window_s": 0.5})
+    assert all(math.isnan(s.value) for s in energy.per_request_energy([excluded], 8, 64, 100.0))

@@ -7,6 +7,7 @@ effect and the planted slowdowns as measured.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,11 +22,13 @@ from bench.commands.common import (
     add_json_arg,
     add_model_args,
     add_no_limits_arg,
+    add_serving_args,
     check_bounds,
     finite_float,
     path_arg,
     positive_int,
     print_json,
+    serving_for,
 )
 from bench.configuration import START_METHODS
 from core.errors import CompoundError
@@ -34,6 +37,7 @@ from core.paths import directory_problem
 BOUNDS = {
     "budget": Bound(low=0, low_open=True, cap=3600, why=HOURS),
     "requests": Bound(low=1, cap=256, why=HOURS),
+    "batch_size": Bound(low=1, cap=512, why=HOURS),
     "processes": Bound(low=2, cap=200, why=HOURS),
     "threads": Bound(low=1, high=1024),
 }
@@ -75,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how worker processes start (see `compound run --help`)",
     )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_serving_args(parser)
     parser.add_argument(
         "--results-dir",
         type=path_arg,
@@ -96,9 +101,18 @@ def run(args: argparse.Namespace) -> int:
     source = suite.model_source(
         args.preset, args.model, args.cache_dir, args.device, trained=args.trained
     )
+    dtype, serving = serving_for(args, source.device)
+    source = replace(source, dtype=dtype)
     threads = args.threads or torch.get_num_threads()
     spec = calibration_spec(
-        source, planted, args.budget, args.requests, threads, args.processes, args.start_method
+        source,
+        planted,
+        args.budget,
+        args.requests,
+        threads,
+        args.processes,
+        args.start_method,
+        serving,
     )
     console = Console(stderr=True, quiet=args.json)
     with console.status("calibrating") as status:

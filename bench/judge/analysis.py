@@ -81,12 +81,6 @@ BATCH_METRICS: dict[str, str] = {
 }
 
 
-def batch_sizes_of(samples: pd.DataFrame) -> list[int]:
-    """The batch sizes a run served, in the order first stored (runs before batching: [1])."""
-    sizes = [batch_of(extra) for extra in samples["extra"]]
-    return list(dict.fromkeys(size for size in sizes if size is not None)) or [1]
-
-
 def at_batch(samples: pd.DataFrame, batch_size: int) -> pd.DataFrame:
     """The samples served at `batch_size`, plus those that belong to no one batch size (cold
     starts, applied figures), so every table and verdict reads one serving point."""

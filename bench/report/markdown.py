@@ -234,6 +234,77 @@ def _figures_section(summary: pd.DataFrame, declared: dict[str, dict[str, str]])
     return ["## What the transforms report", "", markdown_table(header, rows)]
 
 
+def _serving_lines(meta: dict[str, Any]) -> list[str]:
+    """Engine, dtype and batch sizes; the device's idle power; the memory plan's estimate."""
+    config = meta.get("config") or {}
+    serving = config.get("serving") or {}
+    source = config.get("source") or {}
+    sizes = serving.get("batch_sizes") or [1]
+    lines = [
+        f"- serving: engine {serving.get('engine', 'eager')}, {source.get('dtype', 'float32')}, "
+        f"batch size {', '.join(str(s) for s in sizes)}"
+        + (f" (tables and verdict at {sizes[0]}; the others below)" if len(sizes) > 1 else "")
+    ]
+    idle = meta.get("idle_power")
+    if isinstance(idle, dict):
+        lines.append(f"- device idle power (`measured`): {idle['watts']:.1f} W ({idle['method']})")
+    plan = meta.get("memory_plan")
+    if isinstance(plan, dict):
+        total = plan["total"]["estimated_bytes"] / BYTES_PER_MIB
+        lines.append(
+            f"- memory plan (`estimated`): {total:,.0f} MiB per worker × "
+            f"{plan['workers_alive_at_once']} alive at once, "
+            f"{plan['free_bytes'] / BYTES_PER_MIB:,.0f} MiB free"
+        )
+    return lines
+
+
+BATCH_HEADER = ("config", "batch", "latency/request", "TTFT", "decode/token", "requests/s")
+BATCH_HEADER += ("tokens/s", "× throughput")
+
+
+def _batches_section(batches: pd.DataFrame, verdict: dict[str, Any]) -> list[str]:
+    """Medians per configuration and batch size, and the verdict's word at each further size."""
+    if batches.empty or batches["batch_size"].nunique() < 2:
+        return []
+    wide = batches.pivot_table(
+        index=["config", "batch_size"], columns="metric", values="median", aggfunc="first"
+    )
+    ratio = batches.dropna(subset=["throughput_x"]).set_index(["config", "batch_size"])
+    rows = []
+    for (config, size), row in wide.iterrows():
+
+        def ms(metric: str, row: pd.Series = row) -> str:
+            value = row.get(metric)
+            return "-" if value is None or pd.isna(value) else f"{value * MS_PER_S:.2f} ms"
+
+        x = ratio["throughput_x"].get((config, size))
+        rows.append(
+            [
+                config,
+                size,
+                ms("latency_e2e_s"),
+                ms("latency_prefill_s"),
+                ms("latency_decode_per_token_s"),
+                f"{row.get('throughput_rps', float('nan')):.1f}",
+                f"{row.get('throughput_tps', float('nan')):.1f}",
+                "-" if x is None else f"{x:.2f}×",
+            ]
+        )
+    out = [
+        "## Batch sizes",
+        "",
+        "Medians over rounds; every request of a batch shares its batch's latency. × throughput "
+        "is against the same configuration at the first batch size.",
+        "",
+        markdown_table(BATCH_HEADER, rows),
+    ]
+    for size, other in (verdict.get("by_batch_size") or {}).items():
+        for row in other.get("metrics") or []:
+            out.append(f"- at batch {size}, {row['label']}: **{row['word']}**: {row['statement']}")
+    return out
+
+
 def markdown_report(meta: dict[str, Any], tables: RunTables) -> str:
     model = meta.get("model") or {}
     environment = meta.get("environment") or {}
@@ -252,6 +323,7 @@ def markdown_report(meta: dict[str, Any], tables: RunTables) -> str:
         f"commit {commit or '?'}; {meta.get('rounds')} rounds"
         + (" (stopped by the time budget)" if meta.get("stopped_by_budget") else ""),
     ]
+    lines += _serving_lines(meta)
     for name, reason in (meta.get("skipped_transforms") or {}).items():
         lines.append(f"- skipped transform {name}: {reason}")
     if tables.busy.get("message"):
@@ -262,6 +334,7 @@ def markdown_report(meta: dict[str, Any], tables: RunTables) -> str:
     for section in (
         _loo_section(verdict),
         _pairs_section(verdict),
+        _batches_section(tables.batches, verdict),
         _comparisons_section(tables.comparisons),
         _shares_section(tables.shares),
         _figures_section(tables.summary, meta.get("transform_figures") or {}),
