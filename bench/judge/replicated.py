@@ -218,7 +218,9 @@ def variance_components(rounds: Rounds) -> Components:
             ) / (labels.size - 1)
             n0 = (sizes.sum() - np.sum(sizes**2) / sizes.sum()) / (labels.size - 1)
             between.append((ms_between - ms_within) / n0)
-    sigma2 = float(np.nanmean(within)) * scale
+    # One round per process leaves no within-process variance to estimate: σ is unknown.
+    known = [w for w in within if math.isfinite(w)]
+    sigma2 = float(np.mean(known)) * scale if known else math.nan
     tau2 = max(0.0, float(np.mean(between)) * scale) if between else math.nan
     return Components(
         tau=math.sqrt(tau2) if math.isfinite(tau2) else math.nan,

@@ -106,6 +106,20 @@ def render_run(meta: dict[str, Any], tables: RunTables) -> Group:
     header = f"run {meta['run_id']}: {model.get('preset')} ({params:,} params, {trained})"
     header += f"; {meta.get('rounds')} rounds on {meta['environment'].get('device')}"
     parts.append(Text(header, style="bold"))
+    config = meta.get("config") or {}
+    serving = config.get("serving") or {}
+    sizes = serving.get("batch_sizes") or [1]
+    parts.append(
+        Text(
+            f"serving: engine {serving.get('engine', 'eager')}, "
+            f"{(config.get('source') or {}).get('dtype', 'float32')}, batch size "
+            + ", ".join(str(size) for size in sizes)
+            + (f" (tables at {sizes[0]}; every size in batches.csv)" if len(sizes) > 1 else "")
+        )
+    )
+    for size, other in (tables.verdict.get("by_batch_size") or {}).items():
+        for row in other.get("metrics") or []:
+            parts.append(Text(f"at batch {size}, {row['label']}: {row['word']}"))
     if tables.busy.get("message"):
         parts.append(Text(tables.busy["message"], style="bold red"))
     verdict = tables.verdict
