@@ -94,6 +94,7 @@ class Protocol:
     min_rounds: int = 10
     min_seconds: float = 30.0  # timed seconds per configuration, over all its processes
     processes: int = 1
+    max_alive: int = 0  # workers alive at once; 0 = one per configuration (all of them)
     min_block_seconds: float = 0.0  # a block serves its requests again until this long
     start_method: str = "spawn"  # how workers start: "spawn" or "forkserver"
     max_seconds: float | None = None  # wall budget for the timed rounds; None = no cap
@@ -163,6 +164,7 @@ _RANGES: dict[str, dict[str, tuple[float | None, float | None]]] = {
         "min_rounds": (1, None),
         "min_seconds": (0, None),
         "processes": (1, None),
+        "max_alive": (0, None),
         "min_block_seconds": (0, None),
         "threads": (1, 1024),
         "seed": _SEED,

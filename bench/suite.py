@@ -37,7 +37,7 @@ from bench.judge.shares import module_shares
 from bench.judge.suite_verdict import judge
 from bench.measure.environment import collect_environment
 from bench.measure.loading import load_bundle, resolve_device
-from bench.measure.memory_plan import check_fits, estimate_worker, free_bytes
+from bench.measure.memory_plan import check_fits, estimate_worker, free_bytes, workers_that_fit
 from bench.measure.preflight import REJECTED, check_fit, run_preflight, unmet_requirements
 from bench.measure.runner import RunOutcome, run_rounds
 from bench.measure.trackers.energy import measure_idle_power, select_energy_meter
@@ -140,10 +140,14 @@ def prepare_model(spec: RunSpec, show_progress: bool) -> tuple[dict[str, Any], M
     return {"model": bundle.describe(), "trained_now": trained_now}, bundle
 
 
-def memory_plan(spec: RunSpec, bundle: ModelBundle) -> dict[str, Any]:
-    """Estimate one worker's memory and check every worker alive at once fits what is free
-    (counting the parent's checked copy as free: it is released before any worker starts);
-    one line saying what to change when they do not."""
+def memory_plan(spec: RunSpec, bundle: ModelBundle) -> tuple[RunSpec, dict[str, Any]]:
+    """Estimate one worker's memory and check the workers alive at once fit what is free
+    (counting the parent's checked copy as free: it is released before any worker starts).
+
+    When one worker per configuration does not fit and `--max-alive` was left to the plan,
+    the plan lowers it to as many as fit (the runner then runs an epoch in groups); when a
+    set `--max-alive`, or a single worker, does not fit, one line says what to change.
+    """
     device = torch.device(spec.source.device)
     requests = build_requests(bundle, spec.workload)
     estimate = estimate_worker(
@@ -156,9 +160,16 @@ def memory_plan(spec: RunSpec, bundle: ModelBundle) -> dict[str, Any]:
     free = free_bytes(device)
     if device.type == "cuda":
         free += torch.cuda.memory_allocated(device)
-    workers = len(spec.configurations)
-    check_fits(estimate, workers, free, device=device.type)
-    return {**estimate.describe(), "workers_alive_at_once": workers, "free_bytes": free}
+    configurations = len(spec.configurations)
+    asked = spec.protocol.max_alive
+    alive = min(asked, configurations) if asked else configurations
+    if not asked and alive > 1 and workers_that_fit(estimate, free) < alive:
+        alive = max(workers_that_fit(estimate, free), 1)
+        spec = replace(spec, protocol=replace(spec.protocol, max_alive=alive))
+    check_fits(estimate, alive, free, device=device.type)
+    plan = {**estimate.describe(), "workers_alive_at_once": alive, "free_bytes": free}
+    plan["lowered_from"] = configurations if alive < configurations and not asked else None
+    return spec, plan
 
 
 def declared_figures(transforms: tuple[TransformSpec, ...]) -> dict[str, dict[str, str]]:
@@ -188,7 +199,12 @@ def start(
     spec, skipped = drop_unrunnable(spec, bundle)
     for name, reason in skipped.items():
         say(f"skipping transform {name}: {reason}")
-    plan = memory_plan(spec, bundle)
+    spec, plan = memory_plan(spec, bundle)
+    if plan["lowered_from"]:
+        say(
+            f"memory: {plan['workers_alive_at_once']} of {plan['lowered_from']} workers fit at "
+            "once; each process round runs its configurations in groups of that many"
+        )
     store = RunStore.create(
         results_dir,
         spec.to_dict(),

@@ -384,6 +384,7 @@ STORED_DAMAGE = {
     "batch size zero": _set("serving.batch_sizes", [1, 0]),
     "no batch sizes": _set("serving.batch_sizes", []),
     "unknown dtype": _set("source.dtype", "int8"),
+    "negative max_alive": _set("protocol.max_alive", -1),
 }
 FILE_DAMAGE = ("samples.jsonl a FIFO", "samples.jsonl a directory", "samples.jsonl a link loop")
 FILE_DAMAGE += ("writer.lock a FIFO",)

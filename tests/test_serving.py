@@ -293,6 +293,77 @@ def test_a_run_that_would_not_fit_in_memory_stops_before_its_directory_exists(
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "3 workers alive at once" in err[0] and "64.0 MiB is free" in err[0]
+    assert "not even one worker fits" in err[0] and "64.0 MiB is free" in err[0]
     assert "--batch-size (now 4)" in err[0]
     assert not (tmp_path / "too-big").exists()
+
+
+def test_a_set_max_alive_that_does_not_fit_names_it(tiny_cache, tmp_path, capsys, monkeypatch):
+    from bench import suite
+    from bench.measure import memory_plan
+
+    one = memory_plan.CPU_RUNTIME_BYTES + 32 * 2**20  # room for about one tiny worker
+    monkeypatch.setattr(suite, "free_bytes", lambda device: int(1.6 * one / 0.9))
+    code = main(
+        ["run", *SWEEP, "--cache-dir", str(tiny_cache), "--results-dir", str(tmp_path)]
+        + ["--run-id", "set", "--max-alive", "3"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "3 workers alive at once" in err[0], err
+
+
+def test_when_memory_allows_fewer_workers_an_epoch_runs_in_groups(
+    tiny_cache, tmp_path, capsys, monkeypatch
+):
+    from bench import suite
+    from bench.measure import memory_plan
+
+    one = memory_plan.CPU_RUNTIME_BYTES + 32 * 2**20
+    monkeypatch.setattr(suite, "free_bytes", lambda device: int(2.5 * one / 0.9))
+    code = main(
+        ["run", *SWEEP, "--cache-dir", str(tiny_cache), "--results-dir", str(tmp_path)]
+        + ["--run-id", "groups", "--json"]
+    )
+    assert code == 0
+    capsys.readouterr()
+    stored = json.loads((tmp_path / "groups" / "run.json").read_text())
+    assert stored["config"]["protocol"]["max_alive"] == 2
+    assert stored["memory_plan"]["workers_alive_at_once"] == 2
+    assert stored["memory_plan"]["lowered_from"] == 3
+    text = (tmp_path / "groups" / "samples.jsonl").read_text()
+    samples = [json.loads(line) for line in text.splitlines()]
+    rounds = {(s["config"], s["block"]) for s in samples if s.get("metric") == "latency_mean_s"}
+    for config in ("baseline", "baseline-aa", "fused_qkv"):  # the same round numbers for all
+        assert {(config, 0), (config, 1)} <= rounds
+    starts = [s for s in samples if s.get("metric") == "worker_start_s"]
+    assert len(starts) == 3 * 2  # one process per configuration per epoch, groups or not
+
+
+def test_alive_groups_cover_every_configuration_once_per_epoch():
+    from bench.measure.runner import alive_groups
+
+    names = [f"c{i}" for i in range(7)]
+    assert alive_groups(names, 0, 0, 0) == [names]
+    assert alive_groups(names, 7, 0, 0) == [names]
+    for epoch in range(3):
+        groups = alive_groups(names, 3, 0, epoch)
+        assert [len(g) for g in groups] == [3, 3, 1]
+        assert sorted(n for g in groups for n in g) == names
+    assert alive_groups(names, 3, 0, 0) != alive_groups(names, 3, 0, 1)
+
+
+def test_a_block_served_at_two_sizes_is_one_round_when_a_run_resumes(tmp_path):
+    from bench.measure.runner import _stored_rounds
+    from bench.store import RunStore
+    from core.samples import Sample
+
+    with RunStore.create(tmp_path, {}, {}, run_id="r") as store:
+        for block in (0, 1):
+            samples = [
+                Sample("base", block, "block_seconds", seconds, "s", extra={"batch_size": size})
+                for size, seconds in ((1, 2.0), (8, 0.5))
+            ]
+            store.append_block("base", block, samples)
+        rounds = _stored_rounds(store)
+    assert len(rounds) == 2
+    assert rounds["seconds"].tolist() == [2.5, 2.5]

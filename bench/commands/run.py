@@ -47,6 +47,7 @@ BOUNDS: dict[str, Bound] = {
     "min_rounds": Bound(low=1, cap=10_000, why=HOURS),
     "min_seconds": Bound(low=0, cap=3600, why=HOURS),
     "processes": Bound(low=1, cap=200, why=HOURS),
+    "max_alive": Bound(low=0, high=1000),
     "margin": Bound(low=0, low_open=True, high=100, why="percentage points of saving"),
     "memory_margin_mib": Bound(low=0, high=1_000_000, why="MiB"),
     "memory_margin_pct": Bound(low=0, high=100, why="percent of the baseline's memory"),
@@ -132,6 +133,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="P",
         help="worker processes per configuration, one after another; every interval includes "
         f"the variance between processes (default {suite.DEFAULT_PROCESSES}; 1: rounds only)",
+    )
+    parser.add_argument(
+        "--max-alive",
+        type=int,
+        default=0,
+        metavar="K",
+        help="worker processes alive at once; an epoch then runs its configurations in groups "
+        "of K (default 0: one per configuration, lowered by the memory plan when they do not "
+        "fit)",
     )
     parser.add_argument(
         "--start-method",
@@ -256,6 +266,7 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         min_rounds=args.min_rounds,
         min_seconds=args.min_seconds,
         processes=args.processes,
+        max_alive=args.max_alive,
         start_method=args.start_method,
         min_block_seconds=1.0 if source.device.startswith("cuda") else 0.0,
         max_seconds=args.budget,

@@ -111,7 +111,7 @@ def _stored_rounds(store: RunStore) -> pd.DataFrame:
     frame = store.samples_frame()
     blocks = frame[(frame.metric == "block_seconds") & (frame.block >= 0)]
     epochs = [process_of(extra) for extra in blocks["extra"]]
-    return pd.DataFrame(
+    rows = pd.DataFrame(
         {
             "config": blocks["config"].to_numpy(),
             "round": blocks["block"].astype(int).to_numpy(),
@@ -119,6 +119,8 @@ def _stored_rounds(store: RunStore) -> pd.DataFrame:
             "seconds": blocks["value"].astype(float).to_numpy(),
         }
     )
+    # A block served at several batch sizes has one block_seconds per size: one round.
+    return rows.groupby(["config", "round", "epoch"], as_index=False)["seconds"].sum()
 
 
 def _failed_configs(store: RunStore) -> dict[str, str]:
@@ -129,6 +131,15 @@ def start_order(names: list[str], seed: int, epoch: int) -> list[str]:
     """The order workers start in `epoch`: random, so no configuration always starts first."""
     rng = np.random.default_rng([seed, epoch, 1])
     return [names[i] for i in rng.permutation(len(names))]
+
+
+def alive_groups(names: list[str], max_alive: int, seed: int, epoch: int) -> list[list[str]]:
+    """The epoch's configurations in groups of at most `max_alive` (0: all in one group),
+    drawn in a random order per epoch, so no pair is always split or always together."""
+    if max_alive <= 0 or max_alive >= len(names):
+        return [names]
+    ordered = start_order(names, seed, epoch + 1_000_003)
+    return [ordered[i : i + max_alive] for i in range(0, len(ordered), max_alive)]
 
 
 @dataclass
@@ -157,6 +168,10 @@ def run_rounds(spec: RunSpec, store: RunStore, progress: ProgressFn | None = Non
     In each epoch one worker per configuration starts (one at a time, in a random order:
     cold starts must not overlap), rounds run until the epoch's share of the minima is met,
     and all workers stop. A resumed run continues the epoch it was in with fresh workers.
+    With `max_alive` set (memory allows fewer workers than configurations), an epoch runs its
+    configurations in groups of at most that many, one group after another, on the same
+    round numbers: rounds still pair by number, but a pair from two groups was measured at
+    different times of the same epoch.
     """
     say = progress or (lambda _message: None)
     protocol = spec.protocol
@@ -179,14 +194,17 @@ def run_rounds(spec: RunSpec, store: RunStore, progress: ProgressFn | None = Non
         if _over_budget(protocol, budget_start):
             outcome.stopped_by_budget = True
             break
-        live = _start_epoch(spec, store, todo, epoch, failed, say)
-        try:
-            outcome.stopped_by_budget = _epoch_rounds(
-                spec, store, live, epoch, epoch_done, state, failed, budget_start, say
-            )
-        finally:
-            for worker in live.values():
-                _stop(worker)
+        for group in alive_groups(todo, protocol.max_alive, protocol.seed, epoch):
+            live = _start_epoch(spec, store, group, epoch, failed, say)
+            try:
+                outcome.stopped_by_budget = _epoch_rounds(
+                    spec, store, live, epoch, epoch_done, state, failed, budget_start, say
+                )
+            finally:
+                for worker in live.values():
+                    _stop(worker)
+            if outcome.stopped_by_budget:
+                break
         if outcome.stopped_by_budget:
             break
     outcome.rounds = int(state.rounds["round"].nunique()) if len(state.rounds) else 0
