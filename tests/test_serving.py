@@ -367,3 +367,30 @@ def test_a_block_served_at_two_sizes_is_one_round_when_a_run_resumes(tmp_path):
         rounds = _stored_rounds(store)
     assert len(rounds) == 2
     assert rounds["seconds"].tolist() == [2.5, 2.5]
+
+
+def test_hook_overhead_is_taken_against_one_unhooked_pass(tiny_cache, monkeypatch):
+    """A block that serves its batches several times (to last min_block_seconds) hands the
+    hooked pass the time of one pass, not of the whole block."""
+    from bench.configuration import Configuration, ModelSource, Protocol, RunSpec
+    from bench.measure.worker import Worker
+
+    spec = RunSpec(
+        source=ModelSource(preset="tiny", cache_dir=str(tiny_cache)),
+        configurations=(Configuration("baseline"),),
+        workload=WorkloadSpec(requests_per_block=2, new_tokens=2),
+        protocol=Protocol(min_block_seconds=0.3, module_pass_every=1, threads=1),
+        serving=ServingSpec("eager", (1, 2)),
+    )
+    worker = Worker(spec, spec.configurations[0])
+    handed: list[float] = []
+    monkeypatch.setattr(worker, "module_pass", lambda block, seconds: handed.append(seconds) or [])
+    samples = worker.run_block(0)
+    primary = [s for s in samples if s.extra.get("batch_size") == 1]
+    wall = next(s.value for s in primary if s.metric == "block_seconds")
+    served = [s for s in primary if s.metric == "latency_e2e_s"]
+    passes = len(served) // 2
+    assert passes >= 2  # the premise: 0.3 s takes several passes of two tiny requests
+    assert handed == [pytest.approx(wall / passes)]
+    sizes = {s.extra.get("batch_size") for s in samples if s.metric == "block_seconds"}
+    assert sizes == {1, 2}  # and the module pass ran at the primary size only (once)
