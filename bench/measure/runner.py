@@ -54,16 +54,30 @@ def round_order(names: list[str], seed: int, round_index: int) -> list[str]:
     return [names[i] for i in rng.permutation(len(names))]
 
 
+def _died(live: _Live) -> RuntimeError:
+    live.process.join(5)
+    code = live.process.exitcode
+    reason = "killed (out of memory?)" if code in (-9, 137) else f"exit code {code}"
+    return RuntimeError(f"worker process died: {reason}")
+
+
 def _receive(live: _Live, timeout: float) -> tuple:
     if not live.conn.poll(timeout):
         raise TimeoutError(f"no answer within {timeout:.0f} s")
     try:
         return live.conn.recv()
     except (EOFError, ConnectionResetError):
-        live.process.join(5)
-        code = live.process.exitcode
-        reason = "killed (out of memory?)" if code in (-9, 137) else f"exit code {code}"
-        raise RuntimeError(f"worker process died: {reason}") from None
+        raise _died(live) from None
+
+
+def _ask(live: _Live, message: tuple, timeout: float) -> tuple:
+    """Send one command and wait for the answer. A worker that died shows up as a broken pipe
+    on the send or an end of file on the receive, whichever comes first: both say it died."""
+    try:
+        live.conn.send(message)
+    except (BrokenPipeError, ConnectionResetError):
+        raise _died(live) from None
+    return _receive(live, timeout)
 
 
 # Imported once by the fork server, so a worker forked from it starts without importing them.
@@ -308,8 +322,7 @@ def _epoch_rounds(
                 continue
             worker = live[name]
             try:
-                worker.conn.send(("block", round_index))
-                message = _receive(worker, BLOCK_TIMEOUT_S)
+                message = _ask(worker, ("block", round_index), BLOCK_TIMEOUT_S)
             except (TimeoutError, RuntimeError, BrokenPipeError, OSError) as error:
                 message = ("error", str(error), "")
             if message[0] == "error":
