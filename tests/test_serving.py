@@ -201,8 +201,11 @@ def test_bfloat16_serves_and_its_tolerance_is_scaled(tiny_cache, workload):
     output = generate(bundle, workload[:2], NEW_TOKENS)
     assert output.shape == (2, max(len(r.input_ids) for r in workload[:2]) + NEW_TOKENS)
     fused = get_transform("fused_qkv", {})
-    ratio = torch.finfo(torch.bfloat16).eps / torch.finfo(torch.float32).eps
-    assert fused.tolerance_for(torch.bfloat16) == pytest.approx(fused.tolerance * ratio)
+    assert fused.tolerance_for(torch.float32) == fused.tolerance
+    assert fused.tolerance_for(torch.bfloat16) == 4 * 16 * 2**-7  # 4 ulps at |logit| 16
+    assert fused.tolerance_for(torch.float16) == 4 * 16 * 2**-10
+    assert get_transform("vision_sleep", {}).tolerance_for(torch.bfloat16) == 0.0  # exact
+    assert get_transform("token_pruning", {}).tolerance_for(torch.bfloat16) == 0.0  # lossy
 
 
 SWEEP = ["--preset", "tiny", "--transforms", "fused_qkv", "--design", "singles"]

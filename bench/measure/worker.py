@@ -99,7 +99,8 @@ class Worker:
     def warm_up(self) -> list[Sample]:
         """The cold first call is its own figure; the warm-up calls after it are discarded.
 
-        Every batch size is warmed up (with `graphs`, its CUDA graph is captured here).
+        Every batch size is warmed up (with `graphs`, its CUDA graph is captured here), and
+        the engine of the hooked pass when it differs.
         The figures the transforms reported on being applied (bytes freed) and while warming
         up (the first, cold wake) are stored with the cold call, before the timed rounds.
         """
@@ -108,6 +109,8 @@ class Worker:
         for size, served in self.batches.items():
             for i in range(max(self.spec.protocol.warmup_requests, 1 if size > 1 else 0)):
                 self.serve(served[i % len(served)])
+        if self.module_engine != self.engine and self.spec.protocol.module_pass_every:
+            self.generate_primary()  # the hooked pass's engine allocates its cache here
         window = (t_start, time.time())
         modality = self.requests[0].example.modality
         samples = [
