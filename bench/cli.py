@@ -17,6 +17,7 @@ from core.errors import CompoundError, RunInterrupted
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "bench.commands.models",
     "bench.commands.train",
+    "bench.commands.distill",
     "bench.commands.evaluate",
     "bench.commands.run",
     "bench.commands.calibrate",

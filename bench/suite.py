@@ -188,14 +188,22 @@ def start(
     *,
     show_progress: bool = True,
     say: Say = _quiet,
+    prepare_transforms: bool = False,
 ) -> Suite:
     """A new run: the teacher ready, unrunnable transforms left out, the directory created.
 
     A preset's transforms are checked against its shape first, before any training.
+    `prepare_transforms` builds what a transform needs from the teacher and the cache lacks
+    (distillation's student); otherwise its check says how to make it.
     """
     if spec.source.preset:
         check_fit(spec.transforms, build_bundle(spec.source.preset, materialize=False))
     info, bundle = prepare_model(spec, show_progress)
+    if prepare_transforms:
+        for transform_spec in spec.transforms:
+            get_transform(transform_spec.name, transform_spec.params).prepare(
+                bundle, show_progress=show_progress
+            )
     spec, skipped = drop_unrunnable(spec, bundle)
     for name, reason in skipped.items():
         say(f"skipping transform {name}: {reason}")

@@ -145,11 +145,12 @@ def pretrain_vision(
     return loss_value
 
 
-def _learning_rate(settings: TrainingSettings, step: int) -> float:
-    if step < settings.warmup_steps:
-        return settings.learning_rate * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    return settings.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def cosine_schedule(peak: float, warmup_steps: int, steps: int, step: int) -> float:
+    """Linear warm-up to `peak`, then a cosine decay to 0 at `steps`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train(
@@ -197,7 +198,12 @@ def train(
         task = progress.add_task("train", total=settings.steps, preset=bundle.preset, loss="-")
         for step in range(settings.steps):
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(settings, step) * group["scale"]
+                group["lr"] = (
+                    cosine_schedule(
+                        settings.learning_rate, settings.warmup_steps, settings.steps, step
+                    )
+                    * group["scale"]
+                )
             total_loss = torch.zeros(())
             total_tokens = 0
             for modality, count in (("image", image_count), ("text", text_count)):

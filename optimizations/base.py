@@ -83,6 +83,9 @@ class Transform(ABC):
     engines: ClassVar[frozenset[str]] = frozenset(ENGINES)
     engine_reason: ClassVar[str] = ""
     conflicts_with: ClassVar[frozenset[str]] = frozenset()
+    # True for a transform that puts another model in the bundle's place (distillation):
+    # whatever came before it in a stack would be thrown away, so it must come first.
+    replaces_model: ClassVar[bool] = False
     params: ClassVar[tuple[Param, ...]] = ()
     figures: ClassVar[tuple[Figure, ...]] = ()
 
@@ -116,6 +119,7 @@ class Transform(ABC):
             "requires": sorted(cls.requires),
             "engines": [engine for engine in ENGINES if engine in cls.engines],
             "conflicts_with": sorted(cls.conflicts_with),
+            "replaces_model": cls.replaces_model,
             "params": [p.describe() for p in cls.params],
             "figures": [f.describe() for f in cls.figures],
         }
@@ -147,6 +151,11 @@ class Transform(ABC):
         runs = ", ".join(e for e in ENGINES if e in self.engines)
         return f"incompatible with engine {engine} (runs under {runs}): {self.engine_reason}"
 
+    def prepare(self, bundle: ModelBundle, *, show_progress: bool = True) -> None:
+        """Build what this transform needs from `bundle` and caches (a trained student), when
+        the run was asked to; most transforms need nothing."""
+        return None
+
     def validate_for(self, bundle: ModelBundle) -> None:
         """Raise CompoundError if the parameters or the model's structure do not fit.
 
@@ -167,7 +176,11 @@ class Transform(ABC):
         ]
 
     def apply_recorded(self, bundle: ModelBundle) -> None:
-        """Change `bundle` in place and note what was applied, with its applied figures."""
+        """Change `bundle` in place and note what was applied, with its applied figures.
+
+        The targets are named on the model as it was given (a transform that replaces the
+        model changes modules the new one no longer has)."""
+        targets = self.target_handles(bundle)
         applied = self.apply_in_place(bundle) or {}
         declared = {f.metric: f for f in self.figures if f.kind == "applied"}
         if set(applied) - set(declared):
@@ -180,7 +193,7 @@ class Transform(ABC):
                 "params": dict(self.values),
                 "lossless": self.lossless,
                 "tolerance": self.tolerance_for(bundle.dtype) if self.lossless else None,
-                "targets": self.target_handles(bundle),
+                "targets": targets,
                 "figures": [
                     {
                         "metric": metric,

@@ -62,11 +62,23 @@ def list_transforms() -> list[dict[str, Any]]:
     return [cls.describe() for cls in transform_classes().values()]
 
 
+def check_order(transforms: Sequence[Transform]) -> None:
+    """A transform that replaces the model must come first: it would discard the others."""
+    for i, transform in enumerate(transforms):
+        if transform.replaces_model and i > 0:
+            earlier = ", ".join(t.name for t in transforms[:i])
+            raise CompoundError(
+                f"transform {transform.name} replaces the model, so it must come first in "
+                f"--transforms (it would discard {earlier})"
+            )
+
+
 def _check_stack(transforms: Sequence[Transform], bundle: ModelBundle) -> None:
     names = [t.name for t in transforms]
     for i, name in enumerate(names):
         if name in names[:i]:
             raise CompoundError(f"transform {name} is listed twice in one configuration")
+    check_order(transforms)
     for i, first in enumerate(transforms):
         for second in transforms[i + 1 :]:
             if second.name in first.conflicts_with or first.name in second.conflicts_with:

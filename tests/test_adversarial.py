@@ -145,12 +145,23 @@ NUMERIC_OPTIONS = [
     ("calibrate", "--planted", "float", 0, 1, True),
     ("eval", "--examples", "int", 1, 20_000, False),
     ("wrap", "--seed", "int", 0, 2**32 - 1, False),
+    ("distill", "--steps", "int", 1, 20_000, False),
+    ("distill", "--student-layers", "int", 1, None, False),
+    ("distill", "--student-hidden", "int", 1, 65_536, False),
+    ("distill", "--temperature", "float", 0, 100, True),
+    ("distill", "--alpha", "float", 0, 1, False),
+    ("distill", "--attention-weight", "float", 0, 1_000, False),
+    ("distill", "--hidden-weight", "float", 0, 1_000, False),
+    ("distill", "--epsilon", "float", 0, 1_000, True),
+    ("distill", "--delta", "float", 0, 0.01, True),
+    ("distill", "--clip-norm", "float", 0, 1_000, True),
 ]
 COMMAND_TAIL = {
     "run": ["--preset", "tiny", "--results-dir", "results"],
     "calibrate": ["--preset", "tiny"],
     "eval": ["--preset", "tiny"],
     "wrap": ["lm", "--out", "out"],
+    "distill": ["--preset", "tiny"],
 }
 
 
@@ -197,12 +208,16 @@ BAD_PARAMS = [
     "vision_sleep.mode=fast",
     "vision_sleep.mode=null",
     "vision_sleep.keep_projector_awake=0",
+    "distill.student=nope",
+    "distill.student=",
+    "distill.path=3",
+    "distill.layers=1",
 ]
 
 
 @pytest.mark.parametrize("param", BAD_PARAMS)
 def test_bad_transform_parameters_are_refused_before_work(sandbox, capsys, param):
-    transforms = "token_pruning,fused_qkv,vision_sleep"
+    transforms = "distill,token_pruning,fused_qkv,vision_sleep"
     argv = ["run", "--preset", "tiny", "--transforms", transforms, "--param", param]
     assert_refused(capsys, sandbox, argv)
 
@@ -260,6 +275,17 @@ CASES = [
     ["formula", "--declared", "hbm"],
     ["formula", "--target", "50%"],
     ["formula", "--per-module", "0", "--target", "-1"],
+    ["run", "--transforms", "fused_qkv,distill"],
+    ["distill", "--preset", ""],
+    ["distill", "--preset", "llava-1.5-7b"],
+    ["distill", "--student", "nope"],
+    ["distill", "--student", ""],
+    ["distill", "--preset", "tiny", "--student-layers", "3"],
+    ["distill", "--preset", "tiny", "--student-vision-layers", "9"],
+    ["distill", "--preset", "tiny", "--student-hidden", "30"],
+    ["distill", "--preset", "tiny", "--delta", "1e-6"],
+    ["distill", "--cache-dir", ""],
+    ["distill", "extra"],
     ["wrap", "missing-lm", "--out", "out"],
     ["wrap", "lm"],
     ["transforms", "--bogus"],

@@ -17,7 +17,7 @@ from models.bundle import ModelBundle
 from models.checkpoint import CACHE_ENV_VAR, cache_dir, load_model_dir, load_trained
 from models.generation import DTYPES, ENGINES, check_engine
 from models.presets import DEFAULT_PRESET, PRESETS
-from optimizations.registry import get_transform
+from optimizations.registry import check_order, get_transform
 
 
 def path_arg(text: str) -> Path:
@@ -199,11 +199,9 @@ def parse_transforms(names: str, assignments: list[str] | None) -> tuple[Transfo
                 f"--param {assignment}: transform {transform!r} is not in --transforms"
             )
         params[transform][key] = _param_value(value)
-    specs = []
-    for name in ordered:
-        transform = get_transform(name, params[name])  # unknown names and bad values fail here
-        specs.append(TransformSpec(name, dict(transform.values)))
-    return tuple(specs)
+    transforms = [get_transform(name, params[name]) for name in ordered]  # unknown, bad values
+    check_order(transforms)
+    return tuple(TransformSpec(t.name, dict(t.values)) for t in transforms)
 
 
 def batch_sizes(text: str) -> tuple[int, ...]:

@@ -88,6 +88,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"{', '.join(DESIGNS)}; comma-separated (default {designs})",
     )
     parser.add_argument(
+        "--train-students",
+        action="store_true",
+        help="train what a transform needs and the cache lacks (distill's student) instead of "
+        "stopping to say how to make it",
+    )
+    parser.add_argument(
         "--no-aa-control",
         action="store_true",
         help="skip the A/A control (a second baseline process that measures process noise)",
@@ -322,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
             args.run_id,
             show_progress=not quiet,
             say=console.print,
+            prepare_transforms=args.train_students,
         )
     with current.store:  # the run's lock is released however the run ends
         return _measure_and_report(args, current, console)

@@ -80,9 +80,17 @@ def module_rounds(samples: pd.DataFrame) -> Rounds:
         return Rounds(pd.DataFrame(), pd.Series(dtype=int))
     per = modules.pivot_table(index="block", columns=["config", "module"], values="value")
     total = totals.pivot_table(index="block", columns="config", values="value")
+    every_module = sorted(set(modules["module"]))
     for config in total.columns:
-        if config in per.columns.get_level_values(0):
-            per[(config, OTHER)] = total[config] - per[config].sum(axis=1)
+        if config not in per.columns.get_level_values(0):
+            continue
+        # A module this configuration's model lacks (a distilled student's missing layers)
+        # took no time in its hooked passes: 0, not a gap.
+        hooked = total[config].notna()
+        for module in every_module:
+            column = per.get((config, module), pd.Series(np.nan, index=per.index))
+            per[(config, module)] = column.where(~hooked, column.fillna(0.0))
+        per[(config, OTHER)] = total[config] - per[config].sum(axis=1)
     per.columns = [f"{c}|{m}" for c, m in per.columns]
     return Rounds(per, epochs_of(samples).reindex(per.index))
 
