@@ -251,17 +251,39 @@ class Terms:
         }
 
 
+@dataclass
+class TeacherOutputs:
+    """What the student is aligned with: logits, and attention maps and hidden states of every
+    layer when the recipe aligns them (else None)."""
+
+    logits: torch.Tensor
+    attentions: Sequence[torch.Tensor] | None
+    hidden_states: Sequence[torch.Tensor] | None
+
+    def row(self, i: int, length: int) -> TeacherOutputs:
+        """Row i's outputs over its first `length` positions."""
+        return TeacherOutputs(
+            self.logits[i : i + 1, :length],
+            None
+            if self.attentions is None
+            else [a[i : i + 1, :, :length, :length] for a in self.attentions],
+            None
+            if self.hidden_states is None
+            else [h[i : i + 1, :length] for h in self.hidden_states],
+        )
+
+
 class Distiller:
     """Runs teacher and student on a batch and computes the recipe's loss terms."""
 
     def __init__(self, teacher: ModelBundle, student: ModelBundle, recipe: DistillRecipe):
         self.teacher, self.student, self.recipe = teacher, student, recipe
         self.text_map = aligned_layers(len(teacher.decoder_layers), len(student.decoder_layers))
-        widths = (student.model.config.text_config.hidden_size, teacher.dtype)
+        width = student.model.config.text_config.hidden_size
         teacher_width = teacher.model.config.text_config.hidden_size
         self.projection: nn.Module | None = None
-        if recipe.hidden_weight and widths[0] != teacher_width:
-            self.projection = nn.Linear(widths[0], teacher_width, device=student.device)
+        if recipe.hidden_weight and width != teacher_width:
+            self.projection = nn.Linear(width, teacher_width, device=student.device)
         self.needs_attention = recipe.attention_weight > 0
         self.needs_hidden = recipe.hidden_weight > 0
         if self.needs_attention:  # attention probabilities exist only in eager attention
@@ -282,10 +304,11 @@ class Distiller:
         )
 
     @torch.no_grad()
-    def teacher_outputs(self, batch: dict[str, Any]) -> Any:
-        return self._forward(self.teacher.model, batch)
+    def teacher_outputs(self, batch: dict[str, Any]) -> TeacherOutputs:
+        out = self._forward(self.teacher.model, batch)
+        return TeacherOutputs(out.logits, out.attentions, out.hidden_states)
 
-    def terms(self, batch: dict[str, Any], teacher: Any) -> Terms:
+    def terms(self, batch: dict[str, Any], teacher: TeacherOutputs) -> Terms:
         """The loss terms of the student on `batch`, against the teacher's outputs on it."""
         out = self._forward(self.student.model, batch)
         labels = batch["labels"][:, 1:]
@@ -367,29 +390,20 @@ def poisson_sample(rng: np.random.Generator, population: int, rate: float) -> np
     return np.flatnonzero(rng.random(population) < rate)
 
 
-def _row(batch: dict[str, Any], outputs: Any, i: int) -> tuple[dict[str, Any], Any]:
+def _row(
+    batch: dict[str, Any], outputs: TeacherOutputs, i: int
+) -> tuple[dict[str, Any], TeacherOutputs]:
     """Row i of a right-padded batch and of the teacher's outputs on it, trimmed to its length
     (causal attention: a row's positions never see the padding after them)."""
     length = int(batch["attention_mask"][i].sum())
+    pixels = batch["pixel_values"]
     row = {
         "input_ids": batch["input_ids"][i : i + 1, :length],
         "attention_mask": batch["attention_mask"][i : i + 1, :length],
         "labels": batch["labels"][i : i + 1, :length],
-        "pixel_values": None if batch["pixel_values"] is None else batch["pixel_values"][i : i + 1],
+        "pixel_values": None if pixels is None else pixels[i : i + 1],
     }
-    trimmed = type("TeacherRow", (), {})()
-    trimmed.logits = outputs.logits[i : i + 1, :length]
-    trimmed.attentions = (
-        [a[i : i + 1, :, :length, :length] for a in outputs.attentions]
-        if outputs.attentions is not None
-        else None
-    )
-    trimmed.hidden_states = (
-        [h[i : i + 1, :length] for h in outputs.hidden_states]
-        if outputs.hidden_states is not None
-        else None
-    )
-    return row, trimmed
+    return row, outputs.row(i, length)
 
 
 # --- training ------------------------------------------------------------------------------
@@ -485,7 +499,7 @@ def distill(
             if private:
                 chosen = poisson_sample(rng, private.private_examples, rate)
                 sub_batches = _private_sub_batches(student, recipe, chosen)
-                loss, values = _private_step(
+                loss, values = private_step(
                     distiller, sub_batches, parameters, pad, sigma, rate, generator
                 )
             else:
@@ -523,7 +537,7 @@ def _plain_step(
     return loss_value, sums
 
 
-def _private_step(
+def private_step(
     distiller: Distiller,
     sub_batches: list[list[Request]],
     parameters: list[nn.Parameter],

@@ -22,6 +22,7 @@ from core.samples import PROCESS_KEY
 from models.checkpoint import checkpoint_path, load_model_dir, load_trained, save_checkpoint
 from models.dataset import make_examples
 from models.distill import (
+    Distiller,
     DistillRecipe,
     PrivacySettings,
     StudentShape,
@@ -34,6 +35,7 @@ from models.distill import (
     hidden_alignment,
     noisy_mean,
     poisson_sample,
+    private_step,
     soft_target_loss,
 )
 from models.evaluate import evaluate
@@ -208,6 +210,31 @@ def test_private_distillation_spends_what_the_accountant_says(teacher):
     assert spent is not None and spent.epsilon <= 8.0
     assert spent.sample_rate == pytest.approx(16 / 2_000) and spent.steps == 4
     assert spent.noise_multiplier > 0
+
+
+def test_aprivate_step_without_noise_is_the_mean_of_clipped_gradients(teacher):
+    # sigma 0 isolates the clipping: each of the n examples contributes a gradient of norm at
+    # most C, so their sum over the expected batch has norm at most n·C / (q·N).
+    recipe = replace(QUICK, privacy=PrivacySettings(8.0, clip_norm=0.01, private_examples=100))
+    student = build_student(teacher, StudentShape(1, 1))
+    distiller = Distiller(teacher, student, recipe)
+    parameters = distiller.parameters()
+    requests = [student.prompts.encode(e) for e in make_examples(3, "train", 6)]
+    batches = [
+        [r for r in requests if r.pixel_values is not None],
+        [r for r in requests if r.pixel_values is None],
+    ]
+    pad = student.prompts.tokenizer.pad_token_id
+    generator = torch.Generator().manual_seed(0)
+    private_step(distiller, batches, parameters, pad, 0.0, 0.1, generator)
+    norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in parameters))
+    expected_batch = 0.1 * 100
+    assert 0 < norm <= 6 * 0.01 / expected_batch + 1e-9
+    # with noise the same step lands elsewhere, by about sigma·C·sqrt(parameters)/(q·N)
+    private_step(distiller, batches, parameters, pad, 1.0, 0.1, generator)
+    noisy = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in parameters))
+    count = sum(p.numel() for p in parameters)
+    assert noisy == pytest.approx(0.01 * math.sqrt(count) / expected_batch, rel=0.1)
 
 
 # --- the transform -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from bench.commands.common import (
     print_json,
 )
 from core.errors import CompoundError
+from models.bundle import ModelBundle
 from models.checkpoint import cache_dir, check_cache_dir
 from models.distill import PrivacySettings, StudentSpec
 from models.evaluate import evaluate
@@ -98,7 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def custom_spec(args: argparse.Namespace, base: StudentSpec, teacher_layers: dict[str, int]):
+def custom_spec(
+    args: argparse.Namespace, base: StudentSpec, teacher_layers: dict[str, int]
+) -> StudentSpec:
     """The named student with the flags' changes; named `custom` when anything changed."""
     shape_changes = {
         field: getattr(args, flag)
@@ -186,7 +189,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(preset: str, spec: StudentSpec, teacher, student, trained_now: bool) -> dict[str, Any]:
+def _report(
+    preset: str,
+    spec: StudentSpec,
+    teacher: ModelBundle,
+    student: ModelBundle,
+    trained_now: bool,
+) -> dict[str, Any]:
     teacher_val = teacher.metadata.get("val_accuracy") or evaluate(teacher, "val", 2000).accuracy
     student_val = student.metadata.get("val_accuracy") or evaluate(student, "val", 2000).accuracy
     return {

@@ -81,6 +81,7 @@ def module_rounds(samples: pd.DataFrame) -> Rounds:
     per = modules.pivot_table(index="block", columns=["config", "module"], values="value")
     total = totals.pivot_table(index="block", columns="config", values="value")
     every_module = sorted(set(modules["module"]))
+    columns: dict[tuple[str, str], pd.Series] = {}
     for config in total.columns:
         if config not in per.columns.get_level_values(0):
             continue
@@ -89,8 +90,10 @@ def module_rounds(samples: pd.DataFrame) -> Rounds:
         hooked = total[config].notna()
         for module in every_module:
             column = per.get((config, module), pd.Series(np.nan, index=per.index))
-            per[(config, module)] = column.where(~hooked, column.fillna(0.0))
-        per[(config, OTHER)] = total[config] - per[config].sum(axis=1)
+            columns[(config, module)] = column.where(~hooked, column.fillna(0.0))
+        spent = sum(columns[(config, module)] for module in every_module)
+        columns[(config, OTHER)] = total[config] - spent
+    per = pd.DataFrame(columns, index=per.index)
     per.columns = [f"{c}|{m}" for c, m in per.columns]
     return Rounds(per, epochs_of(samples).reindex(per.index))
 
