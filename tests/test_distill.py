@@ -347,3 +347,27 @@ def test_hierarchical_prediction_counts_a_students_missing_layers_as_no_time():
     prediction = hierarchical_prediction(pd.DataFrame(rows), ["distill"])
     assert prediction is not None
     assert prediction.point == pytest.approx(0.3)
+
+
+def test_run_trains_a_missing_student_when_asked(tiny_cache, tmp_path, capsys, monkeypatch):
+    import models.students
+
+    # The named student's recipe, cut to 20 steps in this process only (workers just load it).
+    def quick(teacher, student, recipe, **kwargs):
+        return distill(teacher, student, replace(recipe, steps=20), **kwargs)
+
+    monkeypatch.setattr(models.students, "distill", quick)
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    argv = ["run", "--preset", "tiny", "--cache-dir", str(cache), "--transforms", "distill"]
+    argv += ["--param", "distill.student=kd", "--requests", "2", "--new-tokens", "2"]
+    argv += ["--min-rounds", "2", "--min-seconds", "0", "--threads", "1", "--processes", "1"]
+    argv += ["--eval-examples", "0", "--no-aa-control", "--no-progress"]
+    argv += ["--results-dir", str(tmp_path / "results"), "--run-id", "t"]
+    assert main(argv) == 2  # missing: refused, nothing made
+    assert "no student 'kd'" in capsys.readouterr().err
+    assert main([*argv, "--train-students", "--json"]) == 0
+    teacher_dir = checkpoint_path(get_preset("tiny"), cache)
+    assert student_path(teacher_dir, STUDENTS["kd"]).is_dir()
+    report = json.loads(capsys.readouterr().out)
+    assert {row["config"] for row in report["summary"]} >= {"baseline", "distill"}
