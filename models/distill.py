@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
@@ -39,7 +38,7 @@ from models.bundle import ModelBundle
 from models.dataset import make_example
 from models.privacy import PrivacySpent, noise_for_epsilon, privacy_spent
 from models.prompting import Request
-from models.train import IGNORE, collate, cosine_schedule
+from models.train import IGNORE, collate, cosine_schedule, step_progress
 
 # A stream of the training split the teacher never drew from (it used seeds 0 and 1).
 DISTILL_SEED = 2
@@ -480,16 +479,9 @@ def distill(
     student.model.train()
     history: list[float] = []
     values: dict[str, float] = {}
-    progress = Progress(
-        TextColumn("distilling {task.fields[what]}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not show_progress,
-    )
+    progress = step_progress(f"distilling a student of {student.preset}", show_progress)
     with progress:
-        task = progress.add_task("distill", total=recipe.steps, what=student.preset, loss="-")
+        task = progress.add_task("distill", total=recipe.steps, loss="-")
         for step in range(recipe.steps):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_schedule(

@@ -145,6 +145,18 @@ def pretrain_vision(
     return loss_value
 
 
+def step_progress(label: str, show: bool) -> Progress:
+    """A progress bar over optimizer steps with the last loss (update it with `loss=`)."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not show,
+    )
+
+
 def cosine_schedule(peak: float, warmup_steps: int, steps: int, step: int) -> float:
     """Linear warm-up to `peak`, then a cosine decay to 0 at `steps`."""
     if step < warmup_steps:
@@ -186,16 +198,9 @@ def train(
     next_index = {"image": 0, "text": 0}
     kind_weights = dict(settings.kind_weights)
     loss_value = float("nan")
-    progress = Progress(
-        TextColumn("training {task.fields[preset]}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps  loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not show_progress,
-    )
+    progress = step_progress(f"training {bundle.preset}", show_progress)
     with progress:
-        task = progress.add_task("train", total=settings.steps, preset=bundle.preset, loss="-")
+        task = progress.add_task("train", total=settings.steps, loss="-")
         for step in range(settings.steps):
             for group in optimizer.param_groups:
                 group["lr"] = (
