@@ -286,8 +286,12 @@ class Distiller:
         self.needs_attention = recipe.attention_weight > 0
         self.needs_hidden = recipe.hidden_weight > 0
         if self.needs_attention:  # attention probabilities exist only in eager attention
-            teacher.model.set_attn_implementation("eager")
-            student.model.set_attn_implementation("eager")
+            self.kernels = {
+                model: model.config._attn_implementation
+                for model in (teacher.model, student.model)
+            }
+            for model in self.kernels:
+                model.set_attn_implementation("eager")
 
     def parameters(self) -> list[nn.Parameter]:
         extra = list(self.projection.parameters()) if self.projection is not None else []
@@ -347,10 +351,10 @@ class Distiller:
         return Terms(hard, soft, attention, hidden)
 
     def finish(self) -> None:
-        """Back to the default attention kernel for serving."""
+        """Back to the attention kernels the models had, for serving."""
         if self.needs_attention:
-            self.teacher.model.set_attn_implementation("sdpa")
-            self.student.model.set_attn_implementation("sdpa")
+            for model, kernel in self.kernels.items():
+                model.set_attn_implementation(kernel)
 
 
 # --- DP-SGD --------------------------------------------------------------------------------
