@@ -373,3 +373,12 @@ def test_run_trains_a_missing_student_when_asked(tiny_cache, tmp_path, capsys, m
     assert student_path(teacher_dir, STUDENTS["kd"]).is_dir()
     report = json.loads(capsys.readouterr().out)
     assert {row["config"] for row in report["summary"]} >= {"baseline", "distill"}
+
+
+def test_distill_list_names_every_student(capsys):
+    assert main(["distill", "--list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in listed] == list(STUDENTS)
+    assert all(s["shape"]["decoder_layers"] >= 1 for s in listed)
+    assert main(["distill", "--list"]) == 0
+    assert "kd-attn (default)" in capsys.readouterr().out

@@ -159,7 +159,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             for spec in STUDENTS.values():
                 mark = " (default)" if spec.name == DEFAULT_STUDENT else ""
-                print(f"{spec.name}{mark}: {spec.description}; shape {spec.shape.to_dict()}")
+                shape, recipe = spec.shape, spec.recipe
+                print(
+                    f"{spec.name}{mark}: {spec.description}; {shape.decoder_layers} decoder and "
+                    f"{shape.vision_layers} vision layer(s), {recipe.steps} steps of "
+                    f"{recipe.batch_size}"
+                )
         return 0
     check_bounds(args, BOUNDS)
     preset = get_preset(args.preset)
