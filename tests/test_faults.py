@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
+from bench.suite import remembered_interrupt
 
 RUN = ["--preset", "tiny", "--transforms", "none", "--requests", "2", "--new-tokens", "2"]
 QUICK = ["--min-seconds", "0", "--threads", "1", "--eval-examples", "0", "--no-progress"]
@@ -135,3 +136,16 @@ def test_a_run_whose_every_configuration_fails_reports_it_and_exits_with_one_lin
     assert "failed or rejected: baseline: " in report
     assert "unknown transform 'no-such-transform'" in (run / "errors.log").read_text()
     assert json.loads((run / "run.json").read_text())["state"] == "complete"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowing
+def test_an_interrupt_a_finalizer_swallowed_is_still_remembered():
+    class InterruptedWhileDeleted:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # its KeyboardInterrupt is printed and ignored
+
+    with remembered_interrupt() as interrupted:
+        assert not interrupted()
+        InterruptedWhileDeleted()
+        assert interrupted()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

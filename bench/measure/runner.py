@@ -100,11 +100,16 @@ def _start(spec: RunSpec, index: int, idle_watts: float | None = None) -> _Live:
     process = context.Process(
         target=worker_main, args=(child, spec.to_dict(), index, idle_watts), daemon=True
     )
+    # Blocked first, so a Ctrl-C that comes while the worker starts stays pending (Linux keeps
+    # a blocked signal pending even while it is ignored) and reaches the parent once the
+    # handler is back, instead of being lost with the run going on.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         process.start()
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     child.close()
     return _Live(spec.configurations[index].name, process, parent)
 
