@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -118,7 +118,6 @@ class DistillResult:
     final_loss: float
     losses: dict[str, float]  # the last step's terms
     privacy: PrivacySpent | None = None
-    history: list[float] = field(default_factory=list)
 
 
 # --- shapes --------------------------------------------------------------------------------
@@ -135,12 +134,11 @@ def aligned_layers(teacher_layers: int, student_layers: int) -> list[int]:
     return [round(i * step) for i in range(student_layers)]
 
 
-def _copy_matching(target: nn.Module, source: nn.Module) -> int:
+def _copy_matching(target: nn.Module, source: nn.Module) -> None:
     """Copy every tensor of `source` whose name and shape match one of `target`'s."""
     own = target.state_dict()
     copied = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
     target.load_state_dict(copied, strict=False)
-    return len(copied)
 
 
 def build_student(teacher: ModelBundle, shape: StudentShape) -> ModelBundle:
@@ -287,8 +285,7 @@ class Distiller:
         self.needs_hidden = recipe.hidden_weight > 0
         if self.needs_attention:  # attention probabilities exist only in eager attention
             self.kernels = {
-                model: model.config._attn_implementation
-                for model in (teacher.model, student.model)
+                model: model.config._attn_implementation for model in (teacher.model, student.model)
             }
             for model in self.kernels:
                 model.set_attn_implementation("eager")
@@ -481,7 +478,7 @@ def distill(
     generator = torch.Generator(device=student.device).manual_seed(recipe.seed)
     teacher.model.eval()
     student.model.train()
-    history: list[float] = []
+    loss = float("nan")
     values: dict[str, float] = {}
     progress = step_progress(f"distilling a student of {student.preset}", show_progress)
     with progress:
@@ -502,7 +499,6 @@ def distill(
                 loss, values = _plain_step(distiller, _sub_batches(student, recipe, step), pad)
                 torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
-            history.append(loss)
             progress.update(task, advance=1, loss=f"{loss:.3f}")
             if on_step is not None:
                 on_step(step, loss)
@@ -510,9 +506,7 @@ def distill(
     student.model.eval()
     student.trained = True
     spent = privacy_spent(sigma, rate, recipe.steps, private.delta) if private is not None else None
-    return DistillResult(
-        recipe.steps, time.perf_counter() - start, history[-1], values, spent, history
-    )
+    return DistillResult(recipe.steps, time.perf_counter() - start, loss, values, spent)
 
 
 def _plain_step(

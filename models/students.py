@@ -20,7 +20,6 @@ from core.errors import CompoundError
 from models.bundle import ModelBundle
 from models.checkpoint import (
     check_cache_dir,
-    checkpoint_path,
     load_model_dir,
     remove_stale_staging,
     save_checkpoint,
@@ -34,7 +33,6 @@ from models.distill import (
     distill,
 )
 from models.evaluate import evaluate
-from models.presets import get_preset
 
 # One decoder layer of four and two vision layers of three: `small`'s time goes to each decoder
 # layer (about 2.5 ms of 19 ms per request, measured; the vision tower costs little), so only
@@ -178,8 +176,3 @@ def load_student(path: Path, **kwargs: Any) -> ModelBundle:
         raise CompoundError(
             f"{error}; `compound distill ... --force` with the same student rebuilds it"
         ) from None
-
-
-def teacher_checkpoint(preset: str, cache: Path) -> Path:
-    """Where the preset's teacher lives in `cache` (whether or not it exists yet)."""
-    return checkpoint_path(get_preset(preset), cache)
