@@ -8,6 +8,7 @@ import re
 from packaging.version import InvalidVersion, Version
 
 from models.bundle import ModelBundle
+from models.sparse_attention import flex_problem
 
 _VERSION_REQUIREMENT = re.compile(r"^([A-Za-z0-9_.\-]+)\s*(>=|<=|==|>|<)\s*([0-9][\w.+]*)$")
 _COMPARE = {
@@ -23,7 +24,8 @@ def unmet_requirement(requirement: str, bundle: ModelBundle) -> str | None:
     """Why one requirement is not met here, or None.
 
     Understood: "cuda" (the bundle runs on a CUDA device), "materialized" (real weights, not
-    the meta device) and "<package><op><version>", e.g. "torch>=2.5".
+    the meta device), "flex_attention" (FlexAttention compiles for the bundle's device; a
+    bundle on meta runs nothing, so it passes) and "<package><op><version>", e.g. "torch>=2.5".
     """
     if requirement == "cuda":
         if bundle.device.type != "cuda":
@@ -31,6 +33,8 @@ def unmet_requirement(requirement: str, bundle: ModelBundle) -> str | None:
         return None
     if requirement == "materialized":
         return None if bundle.is_materialized else "needs real weights (the model is on meta)"
+    if requirement == "flex_attention":
+        return flex_problem(bundle.device) if bundle.is_materialized else None
     match = _VERSION_REQUIREMENT.match(requirement)
     if match is None:
         raise ValueError(f"unknown requirement {requirement!r}")
