@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "bench.commands.evaluate",
     "bench.commands.run",
     "bench.commands.calibrate",
+    "bench.commands.attention",
     "bench.commands.transforms",
     "bench.commands.formula",
     "bench.commands.wrap",

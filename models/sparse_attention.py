@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from models.bundle import ModelBundle
+
 PATTERNS = ("causal", "per_image", "local")
 ATTENTION_NAME = "compound_block_sparse"  # our entry in transformers' AttentionInterface
 
@@ -133,14 +135,16 @@ class BlockStats:
         }
 
 
-def _padded(mask: torch.Tensor, block_size: int) -> torch.Tensor:
+def padded_mask(mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A (rows, S, S) token mask padded with False to whole blocks."""
     length = mask.shape[-1]
     extra = math.ceil(length / block_size) * block_size - length
     return F.pad(mask, (0, extra, 0, extra), value=False) if extra else mask
 
 
-def _block_grid(mask: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, nq, nk) bool grids: blocks with any allowed pair, blocks with all pairs allowed."""
+def token_block_grids(mask: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, nq, nk) bool grids of a padded mask: blocks with any allowed pair, blocks with
+    all pairs allowed."""
     rows, length, _ = mask.shape
     blocks = length // block_size
     grid = mask.view(rows, blocks, block_size, blocks, block_size)
@@ -149,10 +153,9 @@ def _block_grid(mask: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torc
 
 def block_stats(mask: torch.Tensor, layout: PromptLayout, block_size: int) -> BlockStats:
     """Counts for a token mask built on `layout` (see `BlockStats`)."""
-    padded = _padded(mask, block_size)
-    active, _ = _block_grid(padded, block_size)
-    causal = _padded(allowed_mask(layout, "causal", 0), block_size)
-    causal_active, _ = _block_grid(causal, block_size)
+    active, _ = token_block_grids(padded_mask(mask, block_size), block_size)
+    causal = allowed_mask(layout, "causal", 0)
+    causal_active, _ = token_block_grids(padded_mask(causal, block_size), block_size)
     return BlockStats(
         block_size=block_size,
         blocks=active.numel(),
@@ -163,20 +166,19 @@ def block_stats(mask: torch.Tensor, layout: PromptLayout, block_size: int) -> Bl
     )
 
 
-def build_block_mask(mask: torch.Tensor, block_size: int, device: torch.device) -> Any:
-    """A FlexAttention BlockMask for a (rows, S, S) token mask, S padded to whole blocks."""
+def block_mask_from_grids(
+    partial: torch.Tensor, full: torch.Tensor, token_mask: torch.Tensor, block_size: int
+) -> Any:
+    """A FlexAttention BlockMask from block grids (rows, heads or 1, nq, nk): `partial` blocks
+    look the padded (rows, S, S) `token_mask` up, `full` blocks are computed whole."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    padded = _padded(mask, block_size)
-    active, full = _block_grid(padded, block_size)
-    partial = active & ~full
+    device = token_mask.device
 
     def listing(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         counts = grid.sum(dim=-1, dtype=torch.int32)
         order = torch.argsort(grid.to(torch.int8), dim=-1, descending=True, stable=True)
-        return counts[:, None].to(device), order.to(torch.int32)[:, None].to(device)
-
-    token_mask = padded.to(device)
+        return counts.to(device), order.to(torch.int32).to(device)
 
     def mask_mod(batch: Any, head: Any, query: Any, key: Any) -> Any:
         return token_mask[batch, query, key]
@@ -190,8 +192,15 @@ def build_block_mask(mask: torch.Tensor, block_size: int, device: torch.device) 
         full_index,
         BLOCK_SIZE=block_size,
         mask_mod=mask_mod,
-        seq_lengths=(padded.shape[1], padded.shape[2]),
+        seq_lengths=(token_mask.shape[1], token_mask.shape[2]),
     )
+
+
+def build_block_mask(mask: torch.Tensor, block_size: int, device: torch.device) -> Any:
+    """A FlexAttention BlockMask for a (rows, S, S) token mask, S padded to whole blocks."""
+    padded = padded_mask(mask, block_size).to(device)
+    active, full = token_block_grids(padded, block_size)
+    return block_mask_from_grids((active & ~full)[:, None], full[:, None], padded, block_size)
 
 
 def flex_problem(device: torch.device) -> str | None:
@@ -212,12 +221,22 @@ def flex_problem(device: torch.device) -> str | None:
     return f"FlexAttention is not compiled for {device.type} devices here"
 
 
+# Shapes (batch, padded length, dtype, grad mode) compiled per process before dynamo gives up
+# and runs FlexAttention uncompiled. Each new shape is its own specialisation: compiling with
+# dynamic shapes failed in the C++ compiler on a CPU (torch 2.13, measured), and an evaluation
+# pass over prompts of a dozen lengths in batches of 64 and their remainders needs dozens.
+COMPILED_SHAPES = 128
+
+
 @cache
 def compiled_flex_attention() -> Any:
     """FlexAttention compiled once per process: uncompiled it materialises the whole score
     matrix and is far slower than dense attention."""
+    from torch._dynamo import config
     from torch.nn.attention.flex_attention import flex_attention
 
+    config.recompile_limit = max(config.recompile_limit, COMPILED_SHAPES)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, COMPILED_SHAPES)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -240,24 +259,29 @@ class BlockSparsePrefill:
         self.window = window
         self.block_size = block_size
         self.current: Any = None  # the BlockMask of this prefill, or None outside one
+        self.current_mask: torch.Tensor | None = None  # its token mask (rows, S, S)
         self.current_stats: BlockStats | None = None
         self.length = 0
-        self.masks: OrderedDict[tuple[Any, ...], tuple[Any, BlockStats]] = OrderedDict()
+        self.masks: OrderedDict[tuple[Any, ...], tuple[Any, torch.Tensor, BlockStats]] = (
+            OrderedDict()
+        )
 
     def on_model_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache_object = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache_object.get_seq_length() if cache_object is not None else 0
-        self.current, self.current_stats = None, None
+        self.current, self.current_mask, self.current_stats = None, None, None
         if ids is None or past > 0 or ids.shape[1] < 2:
             return
         layout = PromptLayout.from_ids(
             ids, kwargs.get("attention_mask"), self.image_token_id, self.image_tokens
         )
-        self.current, self.current_stats = self._mask_for(layout, ids.device)
+        self.current, self.current_mask, self.current_stats = self._mask_for(layout, ids.device)
         self.length = layout.length
 
-    def _mask_for(self, layout: PromptLayout, device: torch.device) -> tuple[Any, BlockStats]:
+    def _mask_for(
+        self, layout: PromptLayout, device: torch.device
+    ) -> tuple[Any, torch.Tensor, BlockStats]:
         key = layout.key()
         if key in self.masks:
             self.masks.move_to_end(key)
@@ -265,6 +289,7 @@ class BlockSparsePrefill:
         mask = allowed_mask(layout, self.pattern, self.window)
         entry = (
             build_block_mask(mask, self.block_size, device),
+            mask.to(device),
             block_stats(mask, layout, self.block_size),
         )
         self.masks[key] = entry
@@ -280,11 +305,28 @@ class BlockSparsePrefill:
             and key.shape[2] >= self.length
         )
 
+    def attend_module(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """The prefill attention of one layer (`module`); the same mask for every layer."""
+        return self.attend(query, key, value, scaling)
+
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
     ) -> torch.Tensor:
-        """(batch, S, heads, head_dim) output, laid out as transformers' SDPA path returns it."""
+        """(batch, S, heads, head_dim) output, laid out as transformers' SDPA path returns it.
+
+        FlexAttention has no backward pass on a CPU, so a forward that needs gradients (the
+        sparse fine-tune) computes the same masked attention densely with SDPA instead.
+        """
         length = self.length
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+            return self._attend_dense(query, key[:, :, :length], value[:, :, :length], scaling)
         padded = self.current.seq_lengths[0]
         key, value = key[:, :, :length], value[:, :, :length]
         extra = (0, 0, 0, padded - length)
@@ -298,6 +340,19 @@ class BlockSparsePrefill:
             enable_gqa=query.shape[1] != key.shape[1],
         )
         return output[:, :, :length].transpose(1, 2).contiguous()
+
+    def _attend_dense(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+    ) -> torch.Tensor:
+        mask = self.current_mask
+        # a padded query row allows no key, which SDPA turns into NaN (and NaN gradients):
+        # let it see itself; no loss reads its output
+        empty = ~mask.any(dim=-1, keepdim=True)
+        mask = mask | (empty & torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device))
+        output = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask[:, None], scale=scaling, enable_gqa=True
+        )
+        return output.transpose(1, 2).contiguous()
 
 
 def block_sparse_attention_forward(
@@ -319,7 +374,15 @@ def block_sparse_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    return state.attend(query, key, value, scaling), None
+    return state.attend_module(module, query, key, value, scaling), None
+
+
+def install(bundle: ModelBundle, state: BlockSparsePrefill) -> None:
+    """Route every decoder attention layer of `bundle` through `state` (in place)."""
+    bundle.language_model.config._attn_implementation = register_attention()
+    for index in range(len(bundle.decoder_layers)):
+        bundle.attention(index).block_sparse = state
+    bundle.model.register_forward_pre_hook(state.on_model_call, with_kwargs=True)
 
 
 @cache

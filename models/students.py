@@ -97,12 +97,12 @@ def student_path(teacher_dir: Path, spec: StudentSpec) -> Path:
     )
 
 
-def teacher_dir_of(bundle: ModelBundle) -> Path:
+def teacher_dir_of(bundle: ModelBundle, purpose: str = "distillation") -> Path:
     """The cached checkpoint a trained preset's bundle was loaded from, or one line saying
-    why it has none (a student is distilled from, and cached beside, such a teacher)."""
+    why it has none (what is made from a teacher is cached beside it)."""
     if bundle.source == "preset" or bundle.metadata.get("external") or not bundle.trained:
         raise CompoundError(
-            "distillation needs a teacher trained by compound-bench (a trained preset from the "
+            f"{purpose} needs a teacher trained by compound-bench (a trained preset from the "
             f"cache), not {bundle.source!r}"
         )
     if "student" in bundle.metadata:

@@ -17,7 +17,7 @@ from typing import Any
 
 from core.errors import CompoundError
 from models.bundle import ModelBundle
-from models.sparse_attention import PATTERNS, BlockSparsePrefill, register_attention
+from models.sparse_attention import PATTERNS, BlockSparsePrefill, install
 from optimizations.base import Figure, Transform, register
 from optimizations.params import Param
 
@@ -110,8 +110,5 @@ class BlockSparseAttention(Transform):
             window=self.values["window"],
             block_size=self.values["block_size"],
         )
-        bundle.language_model.config._attn_implementation = register_attention()
-        for index in range(len(bundle.decoder_layers)):
-            bundle.attention(index).block_sparse = state
-        bundle.model.register_forward_pre_hook(state.on_model_call, with_kwargs=True)
+        install(bundle, state)
         bundle.metadata["block_sparse"] = record

@@ -155,6 +155,10 @@ NUMERIC_OPTIONS = [
     ("distill", "--epsilon", "float", 0, 1_000, True),
     ("distill", "--delta", "float", 0, 0.01, True),
     ("distill", "--clip-norm", "float", 0, 1_000, True),
+    ("attention", "--window", "int", 1, 1_000_000, False),
+    ("attention", "--rounds", "int", 3, 1_000, False),
+    ("attention", "--calls", "int", 1, 10_000, False),
+    ("attention", "--images", "int", 1, 64, False),
 ]
 COMMAND_TAIL = {
     "run": ["--preset", "tiny", "--results-dir", "results"],
@@ -162,6 +166,7 @@ COMMAND_TAIL = {
     "eval": ["--preset", "tiny"],
     "wrap": ["lm", "--out", "out"],
     "distill": ["--preset", "tiny"],
+    "attention": ["--preset", "tiny"],
 }
 
 
@@ -198,6 +203,11 @@ BAD_PARAMS = [
     "token_pruning.layer=1.5",
     "token_pruning.layer=true",
     "token_pruning.layer=99",
+    "block_sparse_attention.pattern=stripes",
+    "block_sparse_attention.window=0",
+    "block_sparse_attention.block_size=24",
+    "sparse_finetune.steps=0",
+    "sparse_finetune.compensation=NaN",
     "token_pruning.threshold=NaN",
     "token_pruning.threshold=2",
     "token_pruning.ratio=0.5",
@@ -217,7 +227,8 @@ BAD_PARAMS = [
 
 @pytest.mark.parametrize("param", BAD_PARAMS)
 def test_bad_transform_parameters_are_refused_before_work(sandbox, capsys, param):
-    transforms = "distill,token_pruning,fused_qkv,vision_sleep"
+    alone = param.split(".")[0] in ("block_sparse_attention", "sparse_finetune")
+    transforms = param.split(".")[0] if alone else "distill,token_pruning,fused_qkv,vision_sleep"
     argv = ["run", "--preset", "tiny", "--transforms", transforms, "--param", param]
     assert_refused(capsys, sandbox, argv)
 
@@ -286,6 +297,10 @@ CASES = [
     ["distill", "--preset", "tiny", "--delta", "1e-6"],
     ["distill", "--cache-dir", ""],
     ["distill", "extra"],
+    ["attention", "--preset", "nope"],
+    ["attention", "--pattern", "stripes"],
+    ["attention", "--block-size", "24"],
+    ["attention", "--images", "2,2"],
     ["wrap", "missing-lm", "--out", "out"],
     ["wrap", "lm"],
     ["transforms", "--bogus"],
