@@ -32,7 +32,7 @@ def test_models_lists_presets_with_sizes_and_status(capsys, isolated_cache):
     code, out, _ = run_cli(capsys, "models", "--json")
     assert code == 0
     presets = {row["preset"]: row for row in json.loads(out)["presets"]}
-    assert set(presets) == {"tiny", "small", "smolvlm-256m", "llava-1.5-7b"}
+    assert set(presets) == {"tiny", "small", "small-hd", "smolvlm-256m", "llava-1.5-7b"}
     assert presets["llava-1.5-7b"]["kind"].startswith("cost-only")
     assert presets["small"]["kind"] == "trained" and not presets["small"]["checkpoint_cached"]
     assert presets["tiny"]["params"] <= 3_000_000

@@ -90,7 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--train-students",
         action="store_true",
-        help="train what a transform needs and the cache lacks (distill's student) instead of "
+        help="train what a transform needs and the cache lacks (distill's student, "
+        "sparse_finetune's weights, gated_attention_pruning's gates) instead of "
         "stopping to say how to make it",
     )
     parser.add_argument(
