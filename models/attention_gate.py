@@ -108,17 +108,35 @@ def keep_blocks(
     return keep & causal_blocks[:, None]
 
 
-class GatedPrefill(BlockSparsePrefill):
+class _GateState(BlockSparsePrefill):
+    """A prefill state holding the prompt's causal token mask and one gate per layer."""
+
+    def __init__(self, gates: nn.ModuleList, block_size: int) -> None:
+        super().__init__(
+            image_token_id=-1, image_tokens=1, pattern="causal", window=1, block_size=block_size
+        )
+        self.gates = gates
+
+    def padded_prefill(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Query, key and value of the prompt padded to whole blocks, the padded token mask,
+        and its block grids (any pair allowed, all pairs allowed)."""
+        length = self.length
+        mask = padded_mask(self.current_mask, self.block_size)
+        extra = (0, 0, 0, mask.shape[-1] - length)
+        query, key, value = (F.pad(t[:, :, :length], extra) for t in (query, key, value))
+        return (query, key, value, mask, *token_block_grids(mask, self.block_size))
+
+
+class GatedPrefill(_GateState):
     """The prefill state of gated pruning: the prompt's causal token mask, and per layer a gate
     that decides from that layer's queries and keys which key blocks to compute."""
 
     def __init__(
         self, gates: nn.ModuleList, threshold: float, block_size: int, events: Any = None
     ) -> None:
-        super().__init__(
-            image_token_id=-1, image_tokens=1, pattern="causal", window=1, block_size=block_size
-        )
-        self.gates = gates
+        super().__init__(gates, block_size)
         self.threshold = threshold
         self.events = events
         self.blocks_causal = 0  # (query block, key block, head) triples dense causal computes
@@ -134,11 +152,7 @@ class GatedPrefill(BlockSparsePrefill):
     ) -> torch.Tensor:
         if torch.is_grad_enabled() and query.requires_grad:
             raise RuntimeError("gated attention pruning serves a frozen model; it has no backward")
-        length = self.length
-        mask = padded_mask(self.current_mask, self.block_size)
-        extra = (0, 0, 0, mask.shape[-1] - length)
-        query, key, value = (F.pad(t[:, :, :length], extra) for t in (query, key, value))
-        active, full = token_block_grids(mask, self.block_size)
+        query, key, value, mask, active, full = self.padded_prefill(query, key, value)
         log_mass = self.gates[module.layer_idx](query, key, self.block_size, active)
         keep = keep_blocks(log_mass, self.threshold, active)
         causal = int(active.sum()) * query.shape[1]
@@ -158,20 +172,17 @@ class GatedPrefill(BlockSparsePrefill):
             scale=scaling,
             enable_gqa=query.shape[1] != key.shape[1],
         )
-        return output[:, :, :length].transpose(1, 2).contiguous()
+        return output[:, :, : self.length].transpose(1, 2).contiguous()
 
 
 PRUNED_METRIC = "gate_pruned_fraction"
 
 
-class _GateTeacher(BlockSparsePrefill):
+class _GateTeacher(_GateState):
     """Serves the frozen model densely while each layer's gate learns its attention mass."""
 
     def __init__(self, gates: nn.ModuleList, block_size: int) -> None:
-        super().__init__(
-            image_token_id=-1, image_tokens=1, pattern="causal", window=1, block_size=block_size
-        )
-        self.gates = gates
+        super().__init__(gates, block_size)
         self.losses: list[torch.Tensor] = []
 
     def attend_module(
@@ -182,12 +193,8 @@ class _GateTeacher(BlockSparsePrefill):
         value: torch.Tensor,
         scaling: float | None,
     ) -> torch.Tensor:
-        length = self.length
-        key, value = key[:, :, :length], value[:, :, :length]
-        mask = padded_mask(self.current_mask, self.block_size)
-        extra = (0, 0, 0, mask.shape[-1] - length)
-        padded_q, padded_k = (F.pad(t, extra) for t in (query, key))
-        active, _ = token_block_grids(mask, self.block_size)
+        padded_q, padded_k, _, mask, active, _ = self.padded_prefill(query, key, value)
+        key, value = key[:, :, : self.length], value[:, :, : self.length]
         target = block_attention_mass(padded_q, padded_k, mask, self.block_size, scaling)
         with torch.enable_grad():
             log_mass = self.gates[module.layer_idx](padded_q, padded_k, self.block_size, active)

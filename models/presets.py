@@ -7,7 +7,7 @@ also apply to real LLaVA-family checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, SiglipVisionConfig
@@ -70,6 +70,37 @@ class Preset:
         return data
 
 
+SMALL = Preset(
+    name="small",
+    description="the embedded default: trained here on generated data, 64 visual tokens",
+    vision_family="clip",
+    vision=dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=8,
+    ),
+    text=dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    training=TrainingSettings(
+        steps=1800,
+        batch_size=48,
+        learning_rate=1.5e-3,
+        warmup_steps=100,
+        image_fraction=0.65,
+        # Position questions (the slowest kind to learn: 79% on test with uniform kinds)
+        # make up half of the image questions; larger/smaller two thirds of the text ones.
+        kind_weights=(("larger", 2.0), ("position", 3.0), ("smaller", 2.0)),
+        seed=0,
+    ),
+)
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -101,66 +132,14 @@ PRESETS: dict[str, Preset] = {
                 seed=0,
             ),
         ),
-        Preset(
-            name="small",
-            description="the embedded default: trained here on generated data, 64 visual tokens",
-            vision_family="clip",
-            vision=dict(
-                hidden_size=128,
-                intermediate_size=256,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                image_size=64,
-                patch_size=8,
-            ),
-            text=dict(
-                hidden_size=128,
-                intermediate_size=384,
-                num_hidden_layers=4,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            ),
-            training=TrainingSettings(
-                steps=1800,
-                batch_size=48,
-                learning_rate=1.5e-3,
-                warmup_steps=100,
-                image_fraction=0.65,
-                # Position questions (the slowest kind to learn: 79% on test with uniform kinds)
-                # make up half of the image questions; larger/smaller two thirds of the text ones.
-                kind_weights=(("larger", 2.0), ("position", 3.0), ("smaller", 2.0)),
-                seed=0,
-            ),
-        ),
-        Preset(
+        SMALL,
+        # the same model and recipe at 4x the pixels: 256 visual tokens per image
+        replace(
+            SMALL,
             name="small-hd",
             description="long context for sparse attention: small at 4x the pixels, 256 visual "
             "tokens per image (training opt-in: over 10 minutes on 2 CPU cores)",
-            vision_family="clip",
-            vision=dict(
-                hidden_size=128,
-                intermediate_size=256,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                image_size=128,
-                patch_size=8,
-            ),
-            text=dict(
-                hidden_size=128,
-                intermediate_size=384,
-                num_hidden_layers=4,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            ),
-            training=TrainingSettings(
-                steps=1800,
-                batch_size=48,
-                learning_rate=1.5e-3,
-                warmup_steps=100,
-                image_fraction=0.65,
-                kind_weights=(("larger", 2.0), ("position", 3.0), ("smaller", 2.0)),
-                seed=0,
-            ),
+            vision={**SMALL.vision, "image_size": 128},
         ),
         Preset(
             name="smolvlm-256m",

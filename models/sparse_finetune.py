@@ -104,6 +104,17 @@ def reweight_attention_gradients(attention: nn.Module, weights: torch.Tensor) ->
     ]
 
 
+def prefill_settings(bundle: ModelBundle, recipe: SparseFinetuneRecipe) -> dict[str, Any]:
+    """`BlockSparsePrefill` arguments for serving `bundle` with the recipe's mask."""
+    return {
+        "image_token_id": bundle.model.config.image_token_id,
+        "image_tokens": bundle.prompts.image_tokens,
+        "pattern": recipe.pattern,
+        "window": recipe.window,
+        "block_size": recipe.block_size,
+    }
+
+
 class _ErrorProbe(BlockSparsePrefill):
     """The prefill state, also summing each head's masked-vs-causal output error per layer."""
 
@@ -111,14 +122,16 @@ class _ErrorProbe(BlockSparsePrefill):
         super().__init__(**settings)
         self.squared_error = torch.zeros(layers, heads)
         self.squared_norm = torch.zeros(layers, heads)
-        self.layer = 0  # which decoder layer attends next within one forward
 
-    def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        super().on_model_call(module, args, kwargs)
-        self.layer = 0
-
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling):
-        output = super().attend(query, key, value, scaling)
+    def attend_module(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        output = self.attend(query, key, value, scaling)
         length = self.length
         dense = F.scaled_dot_product_attention(
             query,
@@ -130,9 +143,8 @@ class _ErrorProbe(BlockSparsePrefill):
         ).transpose(1, 2)
         real = self.current_mask.any(dim=-1)  # (rows, S): not padding
         difference = (output - dense)[real]  # (tokens, heads, head_dim)
-        self.squared_error[self.layer] += difference.pow(2).sum(dim=(0, 2)).float()
-        self.squared_norm[self.layer] += dense[real].pow(2).sum(dim=(0, 2)).float()
-        self.layer += 1
+        self.squared_error[module.layer_idx] += difference.pow(2).sum(dim=(0, 2)).float()
+        self.squared_norm[module.layer_idx] += dense[real].pow(2).sum(dim=(0, 2)).float()
         return output
 
 
@@ -146,11 +158,7 @@ def head_errors(teacher: ModelBundle, recipe: SparseFinetuneRecipe) -> torch.Ten
     probe = _ErrorProbe(
         len(probe_bundle.decoder_layers),
         config.num_attention_heads,
-        image_token_id=probe_bundle.model.config.image_token_id,
-        image_tokens=probe_bundle.prompts.image_tokens,
-        pattern=recipe.pattern,
-        window=recipe.window,
-        block_size=recipe.block_size,
+        **prefill_settings(probe_bundle, recipe),
     )
     install(probe_bundle, probe)
     examples = [
@@ -194,15 +202,7 @@ def sparse_finetune(
     torch.manual_seed(recipe.seed)
     errors = head_errors(teacher, recipe)
     weights = head_weights(errors, recipe.compensation)
-    student = teacher.clone()
-    state = BlockSparsePrefill(
-        student.model.config.image_token_id,
-        student.prompts.image_tokens,
-        recipe.pattern,
-        recipe.window,
-        recipe.block_size,
-    )
-    install(student, state)
+    student = masked(teacher, recipe)
     for parameter in student.vision_encoder.parameters():
         parameter.requires_grad_(False)
     hooks = [
@@ -328,14 +328,7 @@ def ensure_finetuned(
 def masked(bundle: ModelBundle, recipe: SparseFinetuneRecipe) -> ModelBundle:
     """A clone of `bundle` serving with the recipe's block-sparse attention."""
     copy = bundle.clone()
-    state = BlockSparsePrefill(
-        copy.model.config.image_token_id,
-        copy.prompts.image_tokens,
-        recipe.pattern,
-        recipe.window,
-        recipe.block_size,
-    )
-    install(copy, state)
+    install(copy, BlockSparsePrefill(**prefill_settings(copy, recipe)))
     return copy
 
 

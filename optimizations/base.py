@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -159,13 +160,24 @@ class Transform(ABC):
     def validate_for(self, bundle: ModelBundle) -> None:
         """Raise CompoundError if the parameters or the model's structure do not fit.
 
-        Subclasses extend this; the base only insists the targets name some module.
+        Subclasses extend this; the base insists the targets name some module and, on real
+        weights, that what `cached_input` names exists (a shape alone says nothing of it).
         """
         if not self.target_handles(bundle):
             raise CompoundError(
                 f"transform {self.name}: targets {list(self.targets)} match none of the "
                 "model's module handles"
             )
+        if bundle.is_materialized:
+            try:
+                self.cached_input(bundle)
+            except CompoundError as error:
+                raise CompoundError(f"transform {self.name}: {error}") from None
+
+    def cached_input(self, bundle: ModelBundle) -> Path | None:
+        """The directory of what `prepare` trains from `bundle` (a student, fine-tuned weights,
+        gates), or CompoundError saying how to make it; None for transforms that need none."""
+        return None
 
     def target_handles(self, bundle: ModelBundle) -> list[str]:
         """The bundle's handle names this transform changes (for per-module attribution)."""

@@ -56,7 +56,7 @@ class Distill(Transform):
         ),
     )
 
-    def _student_dir(self, bundle: ModelBundle) -> Path:
+    def cached_input(self, bundle: ModelBundle) -> Path:
         if self.values["path"]:
             path = Path(self.values["path"]).expanduser()
             if not path.is_dir():
@@ -71,18 +71,9 @@ class Distill(Transform):
         if not self.values["path"]:
             ensure_student(bundle, get_student(self.values["student"]), show_progress=show_progress)
 
-    def validate_for(self, bundle: ModelBundle) -> None:
-        """On real weights the student must exist (a shape alone says nothing about it)."""
-        super().validate_for(bundle)
-        if bundle.is_materialized:
-            try:
-                self._student_dir(bundle)
-            except CompoundError as error:
-                raise CompoundError(f"transform {self.name}: {error}") from None
-
     def apply_in_place(self, bundle: ModelBundle) -> dict[str, float]:
         teacher_params = bundle.param_count()
-        student = load_student(self._student_dir(bundle), device=bundle.device, dtype=bundle.dtype)
+        student = load_student(self.cached_input(bundle), device=bundle.device, dtype=bundle.dtype)
         bundle.model = student.model
         bundle.prompts = student.prompts
         bundle.source = student.source

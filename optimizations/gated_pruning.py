@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from core.errors import CompoundError
 from models.attention_gate import PRUNED_METRIC, GatedPrefill, ensure_gates, find_gates, load_gates
 from models.bundle import ModelBundle
 from models.sparse_attention import install
@@ -59,22 +58,14 @@ class GatedAttentionPruning(Transform):
     def gate_settings(self) -> dict[str, Any]:
         return {"block_size": self.values["block_size"], "steps": self.values["steps"]}
 
-    def _directory(self, bundle: ModelBundle) -> Path:
+    def cached_input(self, bundle: ModelBundle) -> Path:
         return find_gates(bundle, self.gate_settings())
 
     def prepare(self, bundle: ModelBundle, *, show_progress: bool = True) -> None:
         ensure_gates(bundle, self.gate_settings(), show_progress=show_progress)
 
-    def validate_for(self, bundle: ModelBundle) -> None:
-        super().validate_for(bundle)
-        if bundle.is_materialized:
-            try:
-                self._directory(bundle)
-            except CompoundError as error:
-                raise CompoundError(f"transform {self.name}: {error}") from None
-
     def apply_in_place(self, bundle: ModelBundle) -> None:
-        gates, info = load_gates(bundle, self._directory(bundle))
+        gates, info = load_gates(bundle, self.cached_input(bundle))
         state = GatedPrefill(
             gates, self.values["threshold"], self.values["block_size"], bundle.events
         )

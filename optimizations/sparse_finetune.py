@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.errors import CompoundError
 from models.bundle import ModelBundle
 from models.sparse_attention import PATTERNS
 from models.sparse_finetune import (
@@ -62,23 +61,14 @@ class SparseFinetune(Transform):
     def recipe(self) -> SparseFinetuneRecipe:
         return SparseFinetuneRecipe(**self.values)
 
-    def _directory(self, bundle: ModelBundle) -> Path:
+    def cached_input(self, bundle: ModelBundle) -> Path:
         return find_finetuned(bundle, self.recipe())
 
     def prepare(self, bundle: ModelBundle, *, show_progress: bool = True) -> None:
         ensure_finetuned(bundle, self.recipe(), show_progress=show_progress)
 
-    def validate_for(self, bundle: ModelBundle) -> None:
-        """On real weights the fine-tuned checkpoint must exist."""
-        super().validate_for(bundle)
-        if bundle.is_materialized:
-            try:
-                self._directory(bundle)
-            except CompoundError as error:
-                raise CompoundError(f"transform {self.name}: {error}") from None
-
     def apply_in_place(self, bundle: ModelBundle) -> None:
-        tuned = load_finetuned(self._directory(bundle), device=bundle.device, dtype=bundle.dtype)
+        tuned = load_finetuned(self.cached_input(bundle), device=bundle.device, dtype=bundle.dtype)
         bundle.model = tuned.model
         bundle.source = tuned.source
         bundle.metadata["sparse_finetune"] = tuned.metadata.get("sparse_finetune", {})
