@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "bench.commands.run",
     "bench.commands.calibrate",
     "bench.commands.attention",
+    "bench.commands.sparse_gemm",
     "bench.commands.transforms",
     "bench.commands.formula",
     "bench.commands.wrap",
