@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "bench.commands.calibrate",
     "bench.commands.attention",
     "bench.commands.sparse_gemm",
+    "bench.commands.coldstart",
     "bench.commands.transforms",
     "bench.commands.formula",
     "bench.commands.wrap",

@@ -21,6 +21,9 @@ class WorkloadSpec:
     image_fraction: float = 0.5
     new_tokens: int = 8
     seed: int = 0
+    # Share of image requests that show an earlier request's image again (a vision cache's
+    # hits); each repeat keeps its own question.
+    image_reuse: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,6 +183,7 @@ _RANGES: dict[str, dict[str, tuple[float | None, float | None]]] = {
     "workload": {
         "requests_per_block": (1, None),
         "image_fraction": (0, 1),
+        "image_reuse": (0, 1),
         "new_tokens": (1, None),
         "seed": _SEED,
     },

@@ -56,6 +56,13 @@ from models.teacher import ensure_trained
 from optimizations.registry import get_transform
 
 DEFAULT_TRANSFORMS = ("vision_sleep", "token_pruning", "fused_qkv")
+# Named transform lists (`compound run --suite NAME`). `systems` holds the serving-systems
+# techniques (routing, the vision cache, mapped weights), kept out of the default suite so it
+# stays within its time budget (six transforms make 15 configurations instead of 9).
+SUITES = {
+    "default": DEFAULT_TRANSFORMS,
+    "systems": ("mmap_load", "modality_routing", "vision_cache"),
+}
 DEFAULT_DESIGNS = ("singles", "leave-one-out")
 DEFAULT_PROCESSES = 12
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -17,6 +17,16 @@ from transformers import LlavaForConditionalGeneration
 from models.events import Events
 from models.prompting import PromptFormat
 from models.tokenizer import build_tokenizer
+
+
+class BlockState(Protocol):
+    """What a transform keeps from one request to the next (a cache of images seen). The
+    harness begins it afresh before every measured block, so each block serves the same
+    stream from the same start, and ends it after, when it reports (on `bundle.events`)."""
+
+    def begin_block(self) -> None: ...
+
+    def end_block(self) -> None: ...
 
 
 @dataclass
@@ -28,6 +38,7 @@ class ModelBundle:
     source: str  # "preset", or the checkpoint directory it was loaded from
     metadata: dict[str, Any] = field(default_factory=dict)
     events: Events = field(default_factory=Events)  # what transforms report while serving
+    block_states: list[BlockState] = field(default_factory=list)
 
     # --- named handles -------------------------------------------------------------------
     @property

@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from core.errors import CompoundError
 from core.paths import directory_problem
+from models.aligned_weights import ensure_aligned
 from models.bundle import ModelBundle, prompt_format_for
 from models.dataset import vocabulary
 from models.presets import Preset, get_preset, llava_config
@@ -354,6 +355,14 @@ def _load_weights(
     return model
 
 
+def aligned_copy(directory: Path, dtype: torch.dtype) -> Path:
+    """The page-aligned copy of `directory`'s weights in the cache (made on first use)."""
+    try:
+        return ensure_aligned(directory, dtype, cache_dir() / "aligned")
+    except (OSError, ValueError) as error:
+        raise CompoundError(f"cannot map the weights of {directory}: {error}") from None
+
+
 def _load_tokenizer(directory: Path, ours: bool) -> PreTrainedTokenizerBase:
     """The directory's tokenizer; our word tokenizer for a foreign one that ships none."""
     present = [directory / name for name in TOKENIZER_FILES if os.path.lexists(directory / name)]
@@ -384,11 +393,17 @@ def load_model_dir(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     trained: bool = False,
+    mapped: bool = False,
 ) -> ModelBundle:
     """Load one of our checkpoints or a LLaVA-family checkpoint directory from disk.
 
     Our checkpoints record whether they are trained; a directory from elsewhere is taken as
     untrained (cost-only: accuracy is not scored) unless the caller says `trained=True`.
+
+    By default CPU weights are copied out of the file's mapping into this process's own memory
+    (`_own_weights`). With `mapped`, they stay views of a memory mapping of a page-aligned copy
+    of the weights in `dtype` (`models.aligned_weights`, made once in the cache): no copy, and
+    pages are read when first touched.
     """
     directory = Path(path).expanduser()
     if not directory.is_dir():
@@ -407,14 +422,17 @@ def load_model_dir(
     # Config and tokenizer first: they fail quickly, and the tokenizer reads the config too.
     config = _load_config(directory, config_data)
     tokenizer = _load_tokenizer(directory, ours)
-    model = _load_weights(directory, config, dtype)
+    model = _load_weights(aligned_copy(directory, dtype) if mapped else directory, config, dtype)
     try:
         model = model.to(device)
     except Exception as error:  # e.g. out of device memory
         raise CompoundError(f"cannot move {directory} to {device}: {_one_line(error)}") from None
-    _own_weights(model)
+    if not mapped:
+        _own_weights(model)
     model.eval()
     extra = {k: v for k, v in metadata.items() if k not in ("preset", "trained")}
+    if mapped:
+        extra["weights"] = "mapped"
     if not ours:
         extra["external"] = True
     return ModelBundle(

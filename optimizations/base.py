@@ -87,6 +87,9 @@ class Transform(ABC):
     # True for a transform that puts another model in the bundle's place (distillation):
     # whatever came before it in a stack would be thrown away, so it must come first.
     replaces_model: ClassVar[bool] = False
+    # Keyword arguments for loading the model it will apply to (`mapped=True`: keep the
+    # weights memory-mapped), so a worker loads it that way from the start.
+    load_options: ClassVar[dict[str, Any]] = {}
     params: ClassVar[tuple[Param, ...]] = ()
     figures: ClassVar[tuple[Figure, ...]] = ()
 

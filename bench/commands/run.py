@@ -71,8 +71,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--transforms",
         default=transforms,
         metavar="A,B,...",
-        help=f"transforms in stacking order, or 'none' (default {transforms}; "
+        help=f"transforms in stacking order, or 'none' (default: the --suite's, {transforms}; "
         "see `compound transforms`)",
+    )
+    parser.add_argument(
+        "--suite",
+        choices=tuple(suite.SUITES),
+        default="default",
+        help="a named transform list: default ("
+        + ", ".join(suite.DEFAULT_TRANSFORMS)
+        + ") or systems ("
+        + ", ".join(suite.SUITES["systems"])
+        + "); --transforms names them instead",
     )
     parser.add_argument(
         "--param",
@@ -125,6 +135,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=fraction,
         default=0.5,
         help="share of image requests in the workload (default 0.5)",
+    )
+    parser.add_argument(
+        "--image-reuse",
+        type=fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="share of image requests that repeat an earlier request's image, each with its "
+        "own question (default 0; what a vision cache can hit)",
     )
     parser.add_argument(
         "--new-tokens",
@@ -290,10 +308,14 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
     workload = WorkloadSpec(
         requests_per_block=args.requests,
         image_fraction=args.image_fraction,
+        image_reuse=args.image_reuse,
         new_tokens=args.new_tokens,
         seed=args.seed,
     )
-    transforms = parse_transforms(args.transforms, args.param)
+    if {"suite", "transforms"} <= args.given:
+        raise CompoundError("--suite and --transforms both choose the transforms; give one")
+    named = args.transforms if "transforms" in args.given else ",".join(suite.SUITES[args.suite])
+    transforms = parse_transforms(named, args.param)
     designs = parse_designs(args.design)
     return suite.plan(
         source,

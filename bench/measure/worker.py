@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -51,7 +53,7 @@ class Worker:
         self.name = configuration.name
         set_threads(spec.protocol.threads)
         torch.manual_seed(spec.protocol.seed)
-        self.bundle = apply_configuration(load_bundle(spec.source), configuration)
+        self.bundle = apply_configuration(load_bundle(spec.source, configuration), configuration)
         self.device = self.bundle.device
         self.clock = Clock(self.device)
         self.events = EventTracker(self.device)
@@ -105,12 +107,13 @@ class Worker:
         up (the first, cold wake) are stored with the cold call, before the timed rounds.
         """
         t_start = time.time()
-        cold = self.serve([self.requests[0]])
-        for size, served in self.batches.items():
-            for i in range(max(self.spec.protocol.warmup_requests, 1 if size > 1 else 0)):
-                self.serve(served[i % len(served)])
-        if self.module_engine != self.engine and self.spec.protocol.module_pass_every:
-            self.generate_primary()  # the hooked pass's engine allocates its cache here
+        with self.fresh_stream():
+            cold = self.serve([self.requests[0]])
+            for size, served in self.batches.items():
+                for i in range(max(self.spec.protocol.warmup_requests, 1 if size > 1 else 0)):
+                    self.serve(served[i % len(served)])
+            if self.module_engine != self.engine and self.spec.protocol.module_pass_every:
+                self.generate_primary()  # the hooked pass's engine allocates its cache here
         window = (t_start, time.time())
         modality = self.requests[0].example.modality
         samples = [
@@ -144,6 +147,18 @@ class Worker:
                 sample.extra[BATCH_KEY] = size
             samples += served
         return samples
+
+    @contextmanager
+    def fresh_stream(self) -> Iterator[None]:
+        """The transforms' per-stream state (`ModelBundle.block_states`) begun before and
+        ended after the body: every block serves its requests as the same fresh stream."""
+        for state in self.bundle.block_states:
+            state.begin_block()
+        try:
+            yield
+        finally:
+            for state in self.bundle.block_states:
+                state.end_block()
 
     def serve_at(self, block: int, batch_size: int) -> list[Sample]:
         memory = MemoryTracker(self.device, module=self.bundle.model)
@@ -199,10 +214,12 @@ class Worker:
         self, served: list[list[Request]], wall_start: float
     ) -> list[tuple[list[Request], RequestTiming]]:
         """The block's batches, served again whole until the block lasts `min_block_seconds`:
-        NVML's energy counter updates every ~100 ms, so shorter windows are quantised."""
+        NVML's energy counter updates every ~100 ms, so shorter windows are quantised. Each
+        pass is a fresh stream (a vision cache hits only on repeats within it)."""
         timings: list[tuple[list[Request], RequestTiming]] = []
         while True:
-            timings += [(batch, self.serve(batch)) for batch in served]
+            with self.fresh_stream():
+                timings += [(batch, self.serve(batch)) for batch in served]
             synchronize(self.device)
             shortest = max(self.spec.protocol.min_block_seconds, self.meter.min_window_s)
             if time.perf_counter() - wall_start >= shortest:
@@ -267,9 +284,10 @@ class Worker:
         """
         self.bundle.events.listener = None
         if self.module_engine != self.engine:
-            unhooked_pass_seconds = self.serve_once()
+            with self.fresh_stream():
+                unhooked_pass_seconds = self.serve_once()
         t_start = time.time()
-        with ModuleTimer(self.bundle.handles(), self.device) as timer:
+        with self.fresh_stream(), ModuleTimer(self.bundle.handles(), self.device) as timer:
             wall_start = time.perf_counter()
             self.generate_primary()
             synchronize(self.device)

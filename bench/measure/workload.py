@@ -8,6 +8,8 @@ tokens, so each does exactly the same work and only its speed may differ.
 from __future__ import annotations
 
 import itertools
+import random
+from dataclasses import replace
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -21,9 +23,38 @@ from models.prompting import Request
 
 
 def build_requests(bundle: ModelBundle, spec: WorkloadSpec) -> list[Request]:
-    """The block's requests, from the held-out test split, mixed at the requested ratio."""
+    """The block's requests, from the held-out test split, mixed at the requested ratio, with
+    `spec.image_reuse` of the image requests showing an earlier request's image again."""
     examples = make_examples(spec.seed, "test", spec.requests_per_block, spec.image_fraction)
-    return [bundle.prompts.encode(example) for example in examples]
+    return reuse_images(
+        [bundle.prompts.encode(example) for example in examples], spec.image_reuse, spec.seed
+    )
+
+
+def repeat_count(images: int, reuse: float) -> int:
+    """How many of `images` image requests repeat an earlier image: round(reuse × images),
+    at most all but the first (the first image request has nothing earlier to repeat)."""
+    return min(round(reuse * images), max(images - 1, 0))
+
+
+def reuse_images(requests: list[Request], reuse: float, seed: int) -> list[Request]:
+    """`requests` with `repeat_count` of the image requests (chosen at random, never the
+    first) given the pixels of an earlier, original image request; questions stay their own."""
+    image_positions = [i for i, r in enumerate(requests) if r.pixel_values is not None]
+    count = repeat_count(len(image_positions), reuse)
+    if count == 0:
+        return requests
+    rng = random.Random(f"image-reuse:{seed}")
+    repeats = set(rng.sample(image_positions[1:], count))
+    result = list(requests)
+    originals: list[Request] = []
+    for position in image_positions:
+        if position in repeats:
+            source = rng.choice(originals)
+            result[position] = replace(requests[position], pixel_values=source.pixel_values)
+        else:
+            originals.append(requests[position])
+    return result
 
 
 def batches(requests: list[Request], batch_size: int) -> list[list[Request]]:
