@@ -113,3 +113,20 @@ def test_a_tail_the_median_hides_is_flagged():
         _frame([Sample("baseline", b, "latency_mean_s", 0.1 + 0.001 * b, "s") for b in range(20)])
     )
     assert not calm["tail"].astype(bool).any() and analysis.tail_flags(calm) == []
+
+
+def test_per_modality_latency_shows_a_saving_only_where_it_happens():
+    rng = np.random.default_rng(1)
+    samples = []
+    for block in range(20):
+        drift = rng.normal(1.0, 0.05)
+        for config, text_factor in (("baseline", 1.0), ("routed", 0.7)):
+            samples.append(Sample(config, block, "latency_mean_s", 0.1 * drift, "s"))
+            for modality, seconds in (("image", 0.2), ("text", 0.1 * text_factor)):
+                value = seconds * drift * rng.normal(1.0, 0.005)
+                extra = {"modality": modality}
+                samples.append(Sample(config, block, "latency_e2e_s", value, "s", extra=extra))
+    result = analysis.comparisons(_frame(samples), baseline="baseline").set_index("label")
+    text, image = result.loc["latency, text requests"], result.loc["latency, image requests"]
+    assert text.delta == pytest.approx(0.30, abs=0.01) and text.lo < 0.30 < text.hi
+    assert abs(image.delta) < 0.01 and image.lo < 0 < image.hi

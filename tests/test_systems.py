@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from bench.cli import main
-from bench.configuration import TransformSpec, WorkloadSpec
+from bench.configuration import Configuration, TransformSpec, WorkloadSpec
 from bench.measure import coldstart
 from bench.measure.coldstart import ColdStart, evict, summarize
 from bench.measure.workload import build_requests, repeat_count, reuse_images
@@ -199,7 +199,7 @@ def test_phase_timer_on_a_fake_loader_of_known_duration(monkeypatch, tmp_path):
     monkeypatch.setattr(coldstart, "aligned_copy", lambda directory, dtype: tmp_path)
     monkeypatch.setattr(coldstart, "evict", lambda files, how: "fake")
     monkeypatch.setattr(coldstart, "_child_command", lambda settings: [sys.executable, "-c", fake])
-    result = coldstart.cold_start(tmp_path, "copy", "float32", 1, "weights", repeat=0)
+    result = coldstart.cold_start(tmp_path, Configuration("baseline"), "float32", 1, "weights", 0)
     assert 0.2 <= result.import_s < 2.2 and 0.5 <= result.load_s < 2.5
     assert 0.1 <= result.first_token_s < 2.1
     phases = result.spawn_s + result.import_s + result.load_s + result.first_token_s
@@ -208,16 +208,16 @@ def test_phase_timer_on_a_fake_loader_of_known_duration(monkeypatch, tmp_path):
 
 
 def test_summary_of_known_ratios():
-    def run(loader, repeat, load):
-        return ColdStart(loader, repeat, 0.0, 1.0, load, 0.1, 1.1 + load, 0, 0, 0, 1.0, "x")
+    def run(config, repeat, load):
+        return ColdStart(config, repeat, 0.0, 1.0, load, 0.1, 1.1 + load, 0, 0, 0, 1.0, "x")
 
-    results = [run("copy", r, 2.0 + r) for r in range(5)]
-    results += [run("mmap", r, (2.0 + r) / 4) for r in range(5)]
+    results = [run("baseline", r, 2.0 + r) for r in range(5)]
+    results += [run("mmap_load", r, (2.0 + r) / 4) for r in range(5)]
     summary = summarize(results)
-    ratio = summary["speedup_vs_copy"]["mmap"]["load_s"]
+    ratio = summary["speedup"]["mmap_load"]["load_s"]
     assert ratio["median"] == pytest.approx(4.0)
     assert ratio["low"] == pytest.approx(4.0) and ratio["high"] == pytest.approx(4.0)
-    assert summary["medians"]["copy"]["load_s"] == 4.0
+    assert summary["medians"]["baseline"]["load_s"] == 4.0
 
 
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux fincore")
@@ -254,7 +254,7 @@ def test_coldstart_end_to_end_on_tiny(tiny_cache, isolated_cache, capsys):
     )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert sorted(report["medians"]) == ["copy", "mmap"]
+    assert sorted(report["medians"]) == ["baseline", "mmap_load"]
     for process in report["processes"]:
         assert 0 < process["load_s"] < process["total_s"]
         assert process["eviction"].startswith("the weight files' pages evicted")

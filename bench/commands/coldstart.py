@@ -1,6 +1,6 @@
-"""`compound coldstart`: process start → weights loaded → first token, in fresh processes,
-compound's copying load against memory-mapped, page-aligned weights (`mmap_load`); see
-`bench.measure.coldstart`."""
+"""`compound coldstart`: process start → weights loaded → first token, in fresh processes, for
+the baseline and each given transform alone (by default `mmap_load`: memory-mapped,
+page-aligned weights against compound's copying load); see `bench.measure.coldstart`."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ from bench.commands.common import (
     add_json_arg,
     add_no_limits_arg,
     check_bounds,
+    parse_transforms,
     positive_int,
     print_json,
 )
-from bench.measure.coldstart import EVICTIONS, LOADERS, checkpoint_for, run_cold_starts, summarize
+from bench.configuration import Configuration
+from bench.designs import BASELINE
+from bench.measure.coldstart import EVICTIONS, checkpoint_for, run_cold_starts, summarize
 from core.errors import CompoundError
 from models.checkpoint import cache_dir, check_cache_dir
 from models.presets import PRESETS
@@ -26,30 +29,28 @@ from models.presets import PRESETS
 BOUNDS = {"repeats": Bound(low=1, cap=200, why="each repeat starts fresh processes")}
 
 
-def _loaders(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(","))
-    unknown = [name for name in names if name not in LOADERS]
-    if unknown or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(
-            f"expected distinct loaders among {', '.join(LOADERS)}, got {text!r}"
-        )
-    return names
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "coldstart",
-        help="time process start → weights loaded → first token in fresh processes, per loader",
+        help="time process start → weights loaded → first token in fresh processes",
     )
     parser.add_argument("--preset", default="small", help=", ".join(PRESETS))
     parser.add_argument(
-        "--loaders",
-        type=_loaders,
-        default=LOADERS,
-        metavar="L[,L]",
-        help="copy (compound's default load) and/or mmap (mmap_load's); default both",
+        "--transforms",
+        default="mmap_load",
+        metavar="A,B,...",
+        help="each measured alone beside the baseline (default mmap_load; 'none': baseline only)",
     )
-    parser.add_argument("--repeats", type=positive_int, default=7, help="processes per loader")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="T.NAME=VALUE",
+        help="a transform parameter (repeatable)",
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=7, help="processes per configuration (7)"
+    )
     parser.add_argument(
         "--evict",
         choices=EVICTIONS,
@@ -65,10 +66,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def configurations_for(text: str, params: list[str]) -> tuple[Configuration, ...]:
+    """The baseline and each named transform alone (names and parameters checked)."""
+    specs = parse_transforms(text, params)
+    return (Configuration(BASELINE), *(Configuration(spec.name, (spec,)) for spec in specs))
+
+
 def run(args: argparse.Namespace) -> int:
     check_bounds(args, BOUNDS)
     if args.preset not in PRESETS:
         raise CompoundError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+    configurations = configurations_for(args.transforms, args.param)
     cache = cache_dir(args.cache_dir)
     check_cache_dir(cache, writable=True)
     threads = args.threads or torch.get_num_threads()
@@ -82,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
         transient=True,
     )
     with progress:
-        task = progress.add_task("cold", total=args.repeats * len(args.loaders))
+        task = progress.add_task("cold", total=args.repeats * len(configurations))
         results = run_cold_starts(
             directory,
-            args.loaders,
+            configurations,
             repeats=args.repeats,
             dtype=args.dtype,
             threads=threads,
@@ -107,23 +115,25 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         f"cold start of {args.preset} ({args.dtype}, {threads} threads), {args.repeats} fresh "
-        f"processes per loader; {'; '.join(settings['eviction'])}"
+        f"processes per configuration; {'; '.join(settings['eviction'])}"
     )
+    width = max(len(name) for name in summary["medians"])
     print(
-        f"{'loader':<6} {'spawn s':>8} {'import s':>8} {'load s':>8} {'1st tok s':>9} "
-        f"{'total s':>8} {'maj. faults':>11} {'peak RSS MiB':>12}   (medians)"
+        f"{'configuration':<{width}} {'spawn s':>8} {'import s':>8} {'load s':>8} "
+        f"{'1st tok s':>9} {'total s':>8} {'maj. faults':>11} {'peak RSS MiB':>12}   (medians)"
     )
-    for loader, values in summary["medians"].items():
+    for name, values in summary["medians"].items():
         print(
-            f"{loader:<6} {values['spawn_s']:>8.3f} {values['import_s']:>8.3f} "
+            f"{name:<{width}} {values['spawn_s']:>8.3f} {values['import_s']:>8.3f} "
             f"{values['load_s']:>8.3f} {values['first_token_s']:>9.3f} {values['total_s']:>8.3f} "
             f"{values['major_faults']:>11.0f} {values['peak_rss_mib']:>12.1f}"
         )
-    for loader, ratios in summary["speedup_vs_copy"].items():
+    for name, ratios in summary["speedup"].items():
         load, total = ratios["load_s"], ratios["total_s"]
         print(
-            f"{loader} against copy: load {load['median']:.2f}× [{load['low']:.2f}, "
-            f"{load['high']:.2f}], process start to first token {total['median']:.2f}× "
-            f"[{total['low']:.2f}, {total['high']:.2f}] (above 1: faster; 95% over repeats)"
+            f"{name} against {summary['reference']}: load {load['median']:.2f}× "
+            f"[{load['low']:.2f}, {load['high']:.2f}], process start to first token "
+            f"{total['median']:.2f}× [{total['low']:.2f}, {total['high']:.2f}] "
+            "(above 1: faster; 95% over repeats)"
         )
     return 0

@@ -51,6 +51,7 @@ COMPARED: dict[str, str] = {
     "peak_allocated_bytes": "peak memory (GPU)",
     "cost_usd_per_1k": "cost",
 }
+MODALITIES = ("image", "text")  # per-request latency is also compared per modality
 # Fixed per process: one value per process (its peak), never one per round.
 PER_PROCESS = ("peak_rss_bytes", "peak_allocated_bytes")
 
@@ -254,11 +255,29 @@ def metric_rounds(samples: pd.DataFrame, metric: str) -> Rounds:
     return process_table(samples, metric) if metric in PER_PROCESS else rounds_of(samples, metric)
 
 
+def modality_rounds(samples: pd.DataFrame, modality: str) -> Rounds:
+    """Per-round mean end-to-end latency of one modality's requests: a transform that serves
+    only image (or only text) requests differently shows its saving there, undiluted."""
+    marked = with_modality(timed(samples))
+    requests = marked[(marked["metric"] == "latency_e2e_s") & (marked["modality"] == modality)]
+    table = block_values(requests, "latency_e2e_s")
+    return Rounds(table, epochs_of(samples).reindex(table.index).fillna(0).astype(int))
+
+
+def _compared_rounds(samples: pd.DataFrame) -> list[tuple[str, str, Rounds]]:
+    """(metric, label, per-round values) of everything compared: the COMPARED metrics, then
+    the latency of image and of text requests apart."""
+    compared = [(m, label, metric_rounds(samples, m)) for m, label in COMPARED.items()]
+    for modality in MODALITIES:
+        label = f"latency, {modality} requests"
+        compared.append(("latency_e2e_s", label, modality_rounds(samples, modality)))
+    return compared
+
+
 def comparisons(samples: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Δ = (base − opt)/base per configuration and compared metric, with its interval."""
     records = []
-    for metric, label in COMPARED.items():
-        rounds = metric_rounds(samples, metric)
+    for metric, label, rounds in _compared_rounds(samples):
         if rounds.table.empty or baseline not in rounds.table:
             continue
         sources = sorted(set(timed(samples).query("metric == @metric")["source"]))

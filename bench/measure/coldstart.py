@@ -1,18 +1,20 @@
-"""Cold start as a measured phase: process start → weights loaded → first token, per loader,
-each time in a fresh process with the weights' pages evicted from the page cache.
+"""Cold start as a measured phase: process start → weights loaded → first token, per
+configuration, each time in a fresh process with the weights' pages evicted from the page cache.
 
-Loaders: `copy`, compound's default (transformers maps the safetensors file, then every tensor
-is copied into the process's own memory, so each page of the file is read once and copied);
-`mmap`, the `mmap_load` transform's (a page-aligned copy of the weights, mapped and kept: pages
-are read when first touched, and never copied).
+A configuration loads its weights as its transforms ask (`Transform.load_options`), applies
+them, and serves one image request to its first token. The baseline loads as compound always
+does: transformers maps the safetensors file, then every tensor is copied into the process's
+own memory, so each page of the file is read once and copied. With `mmap_load`, a page-aligned
+copy of the weights is mapped and kept: pages are read when first touched, never copied.
 
 Before each process the weights' pages are evicted: `weights` (default) flushes and evicts
 both weight files with posix_fadvise(DONTNEED), which any user may do to their own files;
 `all` drops the whole page cache through /proc/sys/vm/drop_caches (root only; libraries then
 load cold too; where it is refused, the weights are evicted instead, and the record says so);
-`none` keeps them (a warm start). Processes run one at a time, the loaders in a shuffled order
-per repeat, so drift falls on both; the interval is a bootstrap over repeats of the per-repeat
-ratio, and every repeat is a fresh process, so process-to-process spread is inside it.
+`none` keeps them (a warm start). Processes run one at a time, the configurations in a
+shuffled order per repeat, so drift falls on all; the interval is a bootstrap over repeats of
+the per-repeat ratio, and every repeat is a fresh process, so process-to-process spread is
+inside it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from bench.configuration import Configuration
+from bench.designs import BASELINE
 from core.errors import CompoundError
 from models.checkpoint import (
     aligned_copy,
@@ -40,8 +44,8 @@ from models.checkpoint import (
     save_checkpoint,
 )
 from models.presets import get_preset
+from optimizations.registry import get_transform
 
-LOADERS = ("copy", "mmap")
 EVICTIONS = ("weights", "all", "none")
 PHASES = ("spawn_s", "import_s", "load_s", "first_token_s", "total_s")
 _ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +55,7 @@ _ROOT = Path(__file__).resolve().parents[2]
 class ColdStart:
     """One fresh process: seconds per phase, its page faults and peak memory."""
 
-    loader: str
+    config: str
     repeat: int
     spawn_s: float  # spawn → the child's first statement (interpreter start)
     import_s: float  # → torch, transformers and compound imported
@@ -127,23 +131,41 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _mapped(configuration: Configuration) -> bool:
+    return any(
+        get_transform(spec.name, spec.params).load_options.get("mapped")
+        for spec in configuration.transforms
+    )
+
+
 def cold_start(
-    directory: Path, loader: str, dtype: str, threads: int, how: str, repeat: int
+    directory: Path,
+    configuration: Configuration,
+    dtype: str,
+    threads: int,
+    how: str,
+    repeat: int,
 ) -> ColdStart:
-    """One fresh process loading `directory` with `loader` up to its first token."""
-    aligned = aligned_copy(directory, _torch_dtype(dtype)) / "model.safetensors"
-    files = [directory / "model.safetensors", aligned]
+    """One fresh process loading `directory` for `configuration`, up to its first token."""
+    files = [directory / "model.safetensors"]
+    if _mapped(configuration):
+        files.append(aligned_copy(directory, _torch_dtype(dtype)) / "model.safetensors")
     eviction = evict(files, how)
-    settings = {"directory": str(directory), "loader": loader, "dtype": dtype, "threads": threads}
+    settings = {
+        "directory": str(directory),
+        "transforms": [asdict(spec) for spec in configuration.transforms],
+        "dtype": dtype,
+        "threads": threads,
+    }
     command = _child_command(settings)
     spawned = time.time()
     result = subprocess.run(command, capture_output=True, text=True, env=_child_env())
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise CompoundError(f"cold-start process ({loader}) failed: {last}")
+        raise CompoundError(f"cold-start process ({configuration.name}) failed: {last}")
     record = json.loads(result.stdout.strip().splitlines()[-1])
     return ColdStart(
-        loader=loader,
+        config=configuration.name,
         repeat=repeat,
         spawn_s=record["started"] - spawned,
         import_s=record["imported"] - record["started"],
@@ -166,7 +188,7 @@ def _torch_dtype(name: str) -> Any:
 
 def run_cold_starts(
     directory: Path,
-    loaders: tuple[str, ...],
+    configurations: tuple[Configuration, ...],
     *,
     repeats: int,
     dtype: str,
@@ -175,39 +197,40 @@ def run_cold_starts(
     seed: int = 0,
     advance: Callable[[], None] = lambda: None,
 ) -> list[ColdStart]:
-    """`repeats` fresh processes per loader, the loaders shuffled within each repeat."""
-    aligned_copy(directory, _torch_dtype(dtype))  # made once, before any timing
+    """`repeats` fresh processes per configuration, shuffled within each repeat."""
+    if any(_mapped(c) for c in configurations):
+        aligned_copy(directory, _torch_dtype(dtype))  # made once, before any timing
     order = random.Random(seed)
     results = []
     for repeat in range(repeats):
-        shuffled = list(loaders)
+        shuffled = list(configurations)
         order.shuffle(shuffled)
-        for loader in shuffled:
-            results.append(cold_start(directory, loader, dtype, threads, how, repeat))
+        for configuration in shuffled:
+            results.append(cold_start(directory, configuration, dtype, threads, how, repeat))
             advance()
     return results
 
 
-def summarize(results: list[ColdStart], reference: str = "copy") -> dict[str, Any]:
-    """Per loader, the median of each phase and of the counters; per other loader, the median
-    per-repeat ratio reference/loader of load and of total time, with a bootstrap interval
-    over repeats (above 1: the loader is faster)."""
-    by_loader: dict[str, list[ColdStart]] = {}
+def summarize(results: list[ColdStart], reference: str = BASELINE) -> dict[str, Any]:
+    """Per configuration, the median of each phase and of the counters; per other
+    configuration, the median per-repeat ratio reference/configuration of load and of total
+    time, with a bootstrap interval over repeats (above 1: faster than the reference)."""
+    by_config: dict[str, list[ColdStart]] = {}
     for result in results:
-        by_loader.setdefault(result.loader, []).append(result)
+        by_config.setdefault(result.config, []).append(result)
     medians = {
-        loader: {
+        config: {
             field: float(np.median([getattr(r, field) for r in runs]))
             for field in (*PHASES, "major_faults", "block_reads", "peak_rss_mib")
         }
-        for loader, runs in by_loader.items()
+        for config, runs in by_config.items()
     }
-    ratios: dict[str, dict[str, Any]] = {}
-    base = {r.repeat: r for r in by_loader.get(reference, [])}
-    for loader, runs in by_loader.items():
-        if loader == reference or not base:
+    speedups: dict[str, dict[str, Any]] = {}
+    base = {r.repeat: r for r in by_config.get(reference, [])}
+    for config, runs in by_config.items():
+        if config == reference or not base:
             continue
-        ratios[loader] = {
+        speedups[config] = {
             phase: _ratio(
                 [
                     getattr(base[r.repeat], phase) / getattr(r, phase)
@@ -217,7 +240,7 @@ def summarize(results: list[ColdStart], reference: str = "copy") -> dict[str, An
             )
             for phase in ("load_s", "total_s")
         }
-    return {"medians": medians, "speedup_vs_" + reference: ratios}
+    return {"medians": medians, "reference": reference, "speedup": speedups}
 
 
 def _ratio(values: list[float]) -> dict[str, float]:

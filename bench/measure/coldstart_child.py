@@ -1,7 +1,8 @@
 """One cold start, in a fresh process: `python -m bench.measure.coldstart_child SETTINGS_JSON`.
 
 Prints one JSON line: wall-clock times (time.time()) of process start (the first statement
-here), imports done, weights loaded and first token, and this process's page faults, block
+here), imports done, weights loaded (as the configuration's transforms ask) and first token
+(the transforms applied, one image request served), and this process's page faults, block
 reads and peak RSS. The parent subtracts the moment it spawned this process.
 """
 
@@ -18,18 +19,23 @@ def main(argv: list[str]) -> int:
     settings = json.loads(argv[1])
     import torch
 
+    from bench.configuration import TransformSpec
     from models.checkpoint import load_model_dir
     from models.dataset import make_examples
     from models.generation import generate
+    from optimizations.registry import apply_transforms, get_transform
 
     imported = time.time()
     torch.set_num_threads(settings["threads"])
+    specs = [TransformSpec(t["name"], t["params"]) for t in settings["transforms"]]
+    options: dict = {}
+    for spec in specs:
+        options.update(get_transform(spec.name, spec.params).load_options)
     bundle = load_model_dir(
-        settings["directory"],
-        dtype=getattr(torch, settings["dtype"]),
-        mapped=settings["loader"] == "mmap",
+        settings["directory"], dtype=getattr(torch, settings["dtype"]), **options
     )
     loaded = time.time()
+    bundle = apply_transforms(bundle, specs, copy=False)
     (example,) = make_examples(0, "test", 1, 1.0)  # an image request: every module runs
     generate(bundle, bundle.prompts.encode(example), 1)
     first_token = time.time()
