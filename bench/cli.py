@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "bench.commands.attention",
     "bench.commands.sparse_gemm",
     "bench.commands.coldstart",
+    "bench.commands.compare",
     "bench.commands.transforms",
     "bench.commands.formula",
     "bench.commands.wrap",

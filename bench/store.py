@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import gzip
 import json
 import logging
 import os
@@ -112,6 +113,21 @@ def check_run_id(run_id: str) -> None:
         raise CompoundError(
             f"invalid run id {run_id!r}: use letters, digits, '.', '_' and '-' (no '/')"
         )
+
+
+def resolve_run(reference: str, results_dir: Path) -> Path:
+    """A run directory from a path to one, or from a run id under `results_dir`."""
+    given = Path(reference).expanduser()
+    for candidate in (given, Path(results_dir) / reference):
+        if (candidate / RUN_JSON).is_file():
+            return candidate
+    if given.is_dir():
+        raise CompoundError(f"{given} has no {RUN_JSON}; it is not a run directory")
+    known = list_runs(results_dir)[-5:]
+    hint = f" (latest runs there: {', '.join(known)})" if known else ""
+    raise CompoundError(
+        f"no run {reference!r}: not a run directory, nor a run id in {results_dir}{hint}"
+    )
 
 
 def list_runs(results_dir: Path) -> list[str]:
@@ -503,9 +519,22 @@ class _Broken(ValueError):
         self.key = key
 
 
+def _log_bytes(path: Path) -> bytes:
+    """samples.jsonl, or its gzipped copy (curated runs keep `samples.jsonl.gz` only)."""
+    if path.is_file():
+        return path.read_bytes()
+    packed = path.with_name(path.name + ".gz")
+    if packed.is_file():
+        try:
+            return gzip.decompress(packed.read_bytes())
+        except (OSError, EOFError) as error:
+            raise CompoundError(f"{packed} cannot be decompressed ({error})") from None
+    return b""
+
+
 def _read_log(path: Path) -> _Log:
     """Parse samples.jsonl, keeping only samples that their block's marker vouches for."""
-    lines, _ = _scan(path.read_bytes() if path.is_file() else b"")
+    lines, _ = _scan(_log_bytes(path))
     for line in lines:
         if line.record is None:
             raise _damaged(path, f"line {line.lineno} {line.problem}")
