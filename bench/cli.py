@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "bench.commands.sparse_gemm",
     "bench.commands.coldstart",
     "bench.commands.compare",
+    "bench.commands.export",
     "bench.commands.transforms",
     "bench.commands.formula",
     "bench.commands.wrap",
