@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "bench.commands.coldstart",
     "bench.commands.compare",
     "bench.commands.export",
+    "bench.commands.judge",
     "bench.commands.transforms",
     "bench.commands.formula",
     "bench.commands.wrap",
