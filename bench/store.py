@@ -479,6 +479,10 @@ class RunStore:
 
     def write_text(self, name: str, text: str) -> None:
         """Write a text file such as report.md into the run directory (atomic replace)."""
+        self.write_bytes(name, text.encode("utf-8"))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write a file such as a picture into the run directory (atomic replace)."""
         self._require_writer()
         if (
             Path(name).name != name
@@ -487,7 +491,7 @@ class RunStore:
             or name in ("", ".", "..")
         ):
             raise ValueError(f"{name!r} is not a file name the store lets you write")
-        _atomic_write(self.path / name, text.encode("utf-8"))
+        _atomic_write(self.path / name, data)
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -45,7 +45,9 @@ from bench.measure.preflight import REJECTED, check_fit, run_preflight, unmet_re
 from bench.measure.runner import RunOutcome, run_rounds
 from bench.measure.trackers.energy import measure_idle_power, select_energy_meter
 from bench.measure.workload import build_requests, cache_length
+from bench.report.html import html_report
 from bench.report.markdown import markdown_report
+from bench.report.pictures import pictures
 from bench.store import RUN_JSON, RunStore, load_run
 from core.errors import CompoundError, RunInterrupted
 from core.jsonio import json_text
@@ -407,6 +409,10 @@ def analyse(store: RunStore, spec: RunSpec) -> RunTables:
     store.write_text("batches.csv", tables.batches.to_csv(index=False))
     store.write_text("verdict.json", json_text(tables.verdict))
     store.write_text("report.md", markdown_report(store.meta, tables))
+    images = pictures(tables, samples, checks)
+    for name, png in images.items():
+        store.write_bytes(name, png)
+    store.write_text("report.html", html_report(store.meta, tables, images))
     store.set_state("complete")
     return tables
 
