@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "bench.commands.compare",
     "bench.commands.export",
     "bench.commands.judge",
+    "bench.commands.sweep",
     "bench.commands.transforms",
     "bench.commands.formula",
     "bench.commands.wrap",

@@ -82,7 +82,7 @@ def test_environment_differences_are_warned(tmp_path, capsys):
     _store(tmp_path, "after", 0.8, seed=1, environment=changed)
     code, report, _ = _compare(tmp_path, capsys=capsys)
     assert code == 0
-    assert report["environment_differences"] == ["torch differs: 2.13.0 (A) vs 2.11.0 (B)"]
+    assert report["environment_differences"] == ["torch: 2.13.0 (A) vs 2.11.0 (B)"]
 
 
 def test_runs_lists_them_and_compare_reads_gzipped_samples_by_path(two_runs, capsys):

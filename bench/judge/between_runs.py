@@ -103,7 +103,7 @@ def environment_differences(meta_a: dict[str, Any], meta_b: dict[str, Any]) -> l
     for label, path in ENVIRONMENT_KEYS:
         a, b = _lookup(meta_a, path), _lookup(meta_b, path)
         if a != b:
-            lines.append(f"{label} differs: {_short(a)} (A) vs {_short(b)} (B)")
+            lines.append(f"{label}: {_short(a)} (A) vs {_short(b)} (B)")
     return lines
 
 
