@@ -2,9 +2,9 @@
 
 Layers, bottom to top: core → models → optimizations → bench's shared nouns (configuration,
 designs, store) → bench.measure | bench.judge (siblings that never import each other) →
-bench.report → bench.suite and bench.calibration → the CLI. Every import counts, including
-those inside functions and under TYPE_CHECKING: a cycle hidden there is still a cycle for a
-reader.
+bench.report → bench.suite, bench.calibration and bench.sweep → the CLI. Every import
+counts, including those inside functions and under TYPE_CHECKING: a cycle hidden there is
+still a cycle for a reader.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, int, tuple[str, ...]], ...] = (
     ("measure", 4, ("bench.measure",)),
     ("judge", 4, ("bench.judge",)),
     ("report", 5, ("bench.report",)),
-    ("orchestration", 6, ("bench.suite", "bench.calibration")),
+    ("orchestration", 6, ("bench.suite", "bench.calibration", "bench.sweep")),
     ("cli", 7, ("bench.cli", "bench.commands")),
 )
 
