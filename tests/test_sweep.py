@@ -48,8 +48,7 @@ def test_a_two_cell_sweep_through_local_ray(tiny_cache, tmp_path, capsys):
         assert stored["state"] == "complete"
         assert stored["config"]["serving"]["batch_sizes"] == [int(cell["values"]["batch-size"])]
     # the runs are ordinary runs: compare reads them, and warns that batch sizes differ
-    a, b = (str(directory / c["run_id"]) for c in cells)
-    assert main(["compare", a, b, "--json"]) == 0
+    assert main(["compare", f"{directory}:0", f"{directory}:1", "--json"]) == 0
     warnings = json.loads(capsys.readouterr().out)["environment_differences"]
     assert any(w.startswith("batch sizes: ") for w in warnings)
     # started again, a sweep keeps what is complete and runs nothing

@@ -5,6 +5,7 @@ per configuration and metric, with intervals, environment warnings and an option
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from bench.commands.common import add_json_arg, finite_float, path_arg, print_js
 from bench.judge.analysis import COMPARED
 from bench.judge.between_runs import changes, environment_differences, gate_crossed
 from bench.store import RunStore, list_runs, load_run, resolve_run
+from bench.sweep import INDEX
 from core.errors import CompoundError
 
 DEFAULT_RESULTS = Path("results")
@@ -35,8 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compare = subparsers.add_parser(
         "compare", help="compare two stored runs per configuration, with intervals and a gate"
     )
-    compare.add_argument("run_a", metavar="RUN_A", help="run id (under --results-dir) or path")
-    compare.add_argument("run_b", metavar="RUN_B", help="run id (under --results-dir) or path")
+    for name in ("run_a", "run_b"):
+        compare.add_argument(
+            name,
+            metavar=name.upper(),
+            help="run id (under --results-dir), run directory, or SWEEP_DIR:CELL (a cell of a "
+            "compound sweep, by its index in sweep.json)",
+        )
     compare.add_argument("--results-dir", type=path_arg, default=DEFAULT_RESULTS)
     compare.add_argument(
         "--metric",
@@ -98,6 +105,20 @@ def list_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_reference(reference: str, results_dir: Path) -> Path:
+    """A run directory from a run id, a path, or `SWEEP_DIR:CELL` read from the sweep's index."""
+    sweep_dir, _, cell = reference.rpartition(":")
+    index = Path(sweep_dir).expanduser() / INDEX
+    if sweep_dir and cell.isdigit() and index.is_file():
+        try:
+            cells = json.loads(index.read_text(encoding="utf-8"))["cells"]
+            run_id = cells[int(cell)]["run_id"]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            raise CompoundError(f"{index} has no cell {cell}") from None
+        return resolve_run(run_id, index.parent)
+    return resolve_run(reference, results_dir)
+
+
 def _metrics(names: list[str] | None) -> tuple[str, ...]:
     if not names:
         return tuple(COMPARED)
@@ -117,7 +138,7 @@ def compare_command(args: argparse.Namespace) -> int:
     metrics = _metrics(args.metric)
     if args.fail_if_slower is not None and args.fail_if_slower < 0:
         raise CompoundError(f"--fail-if-slower must be at least 0, got {args.fail_if_slower:g}")
-    path_a, path_b = (resolve_run(ref, args.results_dir) for ref in (args.run_a, args.run_b))
+    path_a, path_b = (resolve_reference(ref, args.results_dir) for ref in (args.run_a, args.run_b))
     run_a, run_b = load_run(path_a), load_run(path_b)
     found = changes(run_a.samples, run_b.samples, metrics)
     warnings = environment_differences(run_a.meta, run_b.meta)
