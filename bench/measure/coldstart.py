@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import stats
 
 from bench.configuration import Configuration
@@ -149,7 +150,7 @@ def cold_start(
     """One fresh process loading `directory` for `configuration`, up to its first token."""
     files = [directory / "model.safetensors"]
     if _mapped(configuration):
-        files.append(aligned_copy(directory, _torch_dtype(dtype)) / "model.safetensors")
+        files.append(aligned_copy(directory, getattr(torch, dtype)) / "model.safetensors")
     eviction = evict(files, how)
     settings = {
         "directory": str(directory),
@@ -180,12 +181,6 @@ def cold_start(
     )
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return getattr(torch, name)
-
-
 def run_cold_starts(
     directory: Path,
     configurations: tuple[Configuration, ...],
@@ -199,7 +194,7 @@ def run_cold_starts(
 ) -> list[ColdStart]:
     """`repeats` fresh processes per configuration, shuffled within each repeat."""
     if any(_mapped(c) for c in configurations):
-        aligned_copy(directory, _torch_dtype(dtype))  # made once, before any timing
+        aligned_copy(directory, getattr(torch, dtype))  # made once, before any timing
     order = random.Random(seed)
     results = []
     for repeat in range(repeats):

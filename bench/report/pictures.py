@@ -18,9 +18,9 @@ matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench.designs import BASELINE  # noqa: E402
 from bench.judge.analysis import RunTables, block_values  # noqa: E402
 
-BASELINE = "baseline"
 MODULE_GROUPS = (
     ("vision encoder", lambda m: m == "vision_encoder"),
     ("projector", lambda m: m == "projector"),
