@@ -112,3 +112,28 @@ def test_bad_input_is_one_line(two_runs, capsys, args, message):
     assert main(["compare", *args, "--results-dir", str(two_runs)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_each_run_is_compared_at_its_primary_batch_size(tmp_path, capsys):
+    from core.samples import BATCH_KEY
+
+    def stored(run_id, sizes):
+        config = {**CONFIG, "serving": {"batch_sizes": sizes}}
+        rng = np.random.default_rng(0)
+        with RunStore.create(tmp_path, config, ENVIRONMENT, run_id) as store:
+            for block in range(12):
+                samples = []
+                for size in sizes:  # a batch of 4 serves each request in a quarter of the time
+                    value = 0.02 / size * rng.normal(1.0, 0.01)
+                    extra = {PROCESS_KEY: block // 4, BATCH_KEY: size}
+                    samples.append(
+                        Sample("baseline", block, "latency_mean_s", value, "s", extra=extra)
+                    )
+                store.append_block("baseline", block, samples)
+            store.set_state("complete")
+
+    stored("mixed", [1, 4])
+    stored("single", [1])
+    assert main(["compare", "mixed", "single", "--results-dir", str(tmp_path), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["changes"]
+    assert abs(row["delta"]) < 0.02  # batch 1 against batch 1, not a mix of 1 and 4

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.commands.common import add_json_arg, finite_float, path_arg, print_json
-from bench.judge.analysis import COMPARED
+from bench.judge.analysis import COMPARED, primary_samples
 from bench.judge.between_runs import changes, environment_differences, gate_crossed
 from bench.store import RunStore, list_runs, load_run, resolve_run
 from bench.sweep import INDEX
@@ -140,7 +140,9 @@ def compare_command(args: argparse.Namespace) -> int:
         raise CompoundError(f"--fail-if-slower must be at least 0, got {args.fail_if_slower:g}")
     path_a, path_b = (resolve_reference(ref, args.results_dir) for ref in (args.run_a, args.run_b))
     run_a, run_b = load_run(path_a), load_run(path_b)
-    found = changes(run_a.samples, run_b.samples, metrics)
+    # each run at its primary batch size (a batch-size difference is among the warnings)
+    samples_a, samples_b = (primary_samples(r.meta, r.samples) for r in (run_a, run_b))
+    found = changes(samples_a, samples_b, metrics)
     warnings = environment_differences(run_a.meta, run_b.meta)
     crossed = (
         gate_crossed(found, args.fail_if_slower, "latency_mean_s")

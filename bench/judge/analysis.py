@@ -89,6 +89,12 @@ def at_batch(samples: pd.DataFrame, batch_size: int) -> pd.DataFrame:
     return samples.loc[keep]
 
 
+def primary_samples(meta: dict[str, Any], samples: pd.DataFrame) -> pd.DataFrame:
+    """A stored run's samples at its primary (first) batch size, as its verdict reads them."""
+    serving = (meta.get("config") or {}).get("serving") or {}
+    return at_batch(samples, int((serving.get("batch_sizes") or [1])[0]))
+
+
 def batch_table(samples: pd.DataFrame, sizes: list[int]) -> pd.DataFrame:
     """Per configuration and batch size: medians over rounds of the serving figures, and the
     throughput relative to the same configuration at the first batch size."""

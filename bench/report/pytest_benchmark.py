@@ -1,11 +1,12 @@
 """A stored run as a pytest-benchmark JSON file, so `pytest-benchmark compare` (its table,
 its --histogram) reads our runs beside a user's own pytest-benchmark history.
 
-One benchmark per configuration: its data are the run's per-round latencies (seconds per
-request, the block mean of `latency_mean_s`), its statistics computed by pytest-benchmark's own
-`Stats` from them. `machine_info` and `commit_info` come from the run's stored environment, not
-from the machine that exports. Rounds from all worker processes are pooled, as pytest-benchmark
-has no notion of processes; compound's own intervals (`compound compare`) keep them apart.
+One benchmark per configuration: its data are the run's per-round latencies at its primary
+batch size (seconds per request, the block mean of `latency_mean_s`), its statistics computed
+by pytest-benchmark's own `Stats` from them. `machine_info` and `commit_info` come from the
+run's stored environment, not from the machine that exports. Rounds from all worker
+processes are pooled, as pytest-benchmark has no notion of processes; compound's own
+intervals (`compound compare`) keep them apart.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.judge.analysis import block_values
+from bench.judge.analysis import block_values, primary_samples
 
 METRIC = "latency_mean_s"
 FORMAT_NOTE = "exported by compound-bench from a stored run"
@@ -95,7 +96,7 @@ def _benchmark(meta: dict[str, Any], config: str, data: list[float]) -> dict[str
 
 def export(meta: dict[str, Any], samples: pd.DataFrame) -> dict[str, Any]:
     """The pytest-benchmark document for one run."""
-    table = block_values(samples, METRIC)
+    table = block_values(primary_samples(meta, samples), METRIC)
     benchmarks = [
         _benchmark(meta, config, [float(v) for v in table[config].dropna()])
         for config in table.columns
