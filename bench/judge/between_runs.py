@@ -86,11 +86,11 @@ def _with_defaults(meta: dict[str, Any]) -> dict[str, Any]:
     config = dict(meta.get("config") or {})
     for key, default in (("workload", WorkloadSpec()), ("serving", ServingSpec())):
         stored = config.get(key) if isinstance(config.get(key), dict) else {}
-        config[key] = {**json_ready(asdict(default)), **stored}
+        config[key] = {**_json_ready(asdict(default)), **stored}
     return {**meta, "config": config}
 
 
-def json_ready(values: dict[str, Any]) -> dict[str, Any]:
+def _json_ready(values: dict[str, Any]) -> dict[str, Any]:
     """Tuples as lists, as run.json holds them."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 

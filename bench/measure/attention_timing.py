@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from torch.nn import functional as F
 
+from bench.measure.interleaved import interleaved_rounds, median_ratio
 from models.dataset import make_example
 from models.presets import Preset, llava_config
 from models.prompting import PromptFormat
@@ -118,31 +118,23 @@ def time_kernels(
     def sparse() -> torch.Tensor:
         return state.attend(q, k, v, scale)
 
-    kernels = {"dense": dense, "sparse": sparse}
-    order_rng = np.random.default_rng(seed)
-    per_round: dict[str, list[float]] = {name: [] for name in kernels}
     with torch.inference_mode():
         started = time.perf_counter()
         sparse()
         compile_s = time.perf_counter() - started
-        for function in kernels.values():  # warm-up
-            _time_calls(function, calls)
-        for _ in range(rounds):
-            for name in order_rng.permutation(list(kernels)):
-                per_round[name].append(_time_calls(kernels[name], calls))
-    dense_s, sparse_s = (np.asarray(per_round[n]) for n in ("dense", "sparse"))
-    ratios = dense_s / sparse_s
-    interval = stats.bootstrap(
-        (ratios,), np.median, confidence_level=0.95, n_resamples=2000, method="percentile"
-    ).confidence_interval
+        per_round = interleaved_rounds(
+            {"dense": dense, "sparse": sparse}, _time_calls, calls, rounds, seed
+        )
+    dense_s, sparse_s = per_round["dense"], per_round["sparse"]
+    speedup, low, high = median_ratio(dense_s / sparse_s)
     return KernelTiming(
         images=images,
         prompt_tokens=length,
         dense_ms=float(np.median(dense_s)) * 1e3,
         sparse_ms=float(np.median(sparse_s)) * 1e3,
-        speedup=float(np.median(ratios)),
-        speedup_low=float(interval.low),
-        speedup_high=float(interval.high),
+        speedup=speedup,
+        speedup_low=low,
+        speedup_high=high,
         block_sparsity=stats_.sparsity,
         work_fraction=stats_.work_fraction,
         flops=stats_.attention_flops(heads, head_dim),

@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 
 from bench.configuration import Configuration
 from bench.designs import BASELINE
+from bench.measure.interleaved import median_ratio
 from core.errors import CompoundError
 from models.checkpoint import (
     aligned_copy,
@@ -239,14 +239,5 @@ def summarize(results: list[ColdStart], reference: str = BASELINE) -> dict[str, 
 
 
 def _ratio(values: list[float]) -> dict[str, float]:
-    array = np.asarray(values)
-    if len(array) < 3:
-        return {"median": float(np.median(array)), "low": float("nan"), "high": float("nan")}
-    interval = stats.bootstrap(
-        (array,), np.median, confidence_level=0.95, n_resamples=2000, method="percentile"
-    ).confidence_interval
-    return {
-        "median": float(np.median(array)),
-        "low": float(interval.low),
-        "high": float(interval.high),
-    }
+    median, low, high = median_ratio(values)
+    return {"median": median, "low": low, "high": high}

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
+from bench.measure.interleaved import interleaved_rounds, median_ratio
 from models.presets import Preset
 from models.semi_structured import SemiStructuredLinear, prune_24, shape_problem
 
@@ -91,18 +91,10 @@ def time_shape(
     sparse = SemiStructuredLinear(dense)
     x = torch.randn(tokens, shape[1], device="cuda", dtype=dtype)
     kernels = {"dense": lambda: dense(x), "sparse": lambda: sparse(x)}
-    for function in kernels.values():
-        _time(function, calls)  # warm-up (and the sparse kernel's first-call setup)
-    order = np.random.default_rng(seed)
-    per_round: dict[str, list[float]] = {name: [] for name in kernels}
-    for _ in range(rounds):
-        for name in order.permutation(list(kernels)):
-            per_round[name].append(_time(kernels[name], calls))
-    dense_ms, sparse_ms = (np.asarray(per_round[n]) for n in ("dense", "sparse"))
-    ratios = dense_ms / sparse_ms
-    interval = stats.bootstrap(
-        (ratios,), np.median, confidence_level=0.95, n_resamples=2000, method="percentile"
-    ).confidence_interval
+    # the warm-up round also pays the sparse kernel's first-call setup
+    per_round = interleaved_rounds(kernels, _time, calls, rounds, seed)
+    dense_ms, sparse_ms = per_round["dense"], per_round["sparse"]
+    speedup, low, high = median_ratio(dense_ms / sparse_ms)
     return GemmTiming(
         linears=", ".join(names),
         out_features=shape[0],
@@ -110,7 +102,7 @@ def time_shape(
         tokens=tokens,
         dense_ms=float(np.median(dense_ms)),
         sparse_ms=float(np.median(sparse_ms)),
-        speedup=float(np.median(ratios)),
-        speedup_low=float(interval.low),
-        speedup_high=float(interval.high),
+        speedup=speedup,
+        speedup_low=low,
+        speedup_high=high,
     )
