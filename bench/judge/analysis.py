@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.judge.replicated import Estimate, Rounds, saving
+from bench.judge.replicated import Estimate, Rounds, locations, saving
 from bench.judge.stats import summarize
-from core.samples import batch_of, process_of
+from core.samples import MEMORY_PASS, PASS_KEY, batch_of, process_of
 
 # Metrics recorded once per request; a block's value is their mean (the mixed workload is
 # bimodal, image vs text, so a per-block median would jump between the two modes).
@@ -23,8 +23,10 @@ PER_REQUEST = (
     "latency_prefill_s",
     "latency_decode_per_token_s",
 )
-# The `modality` of one-off records taken before the timed rounds, in the summary.
+# The `modality` of one-off records taken before the timed rounds, in the summary, and of the
+# isolated memory pass of a co-resident run.
 COLD_MODALITY = "before timing"
+MEMORY_MODALITY = "memory pass (isolated)"
 SUMMARY_COLUMNS = (
     "config",
     "metric",
@@ -195,8 +197,10 @@ def summary_table(samples: pd.DataFrame) -> pd.DataFrame:
     # One-off records taken before the timed rounds (one per process): the cold first call,
     # the worker's start-up, and what transforms report once (bytes a sleeping encoder frees).
     cold = samples[samples["block"] < 0]
-    for (config, metric, module, source, unit), group in cold.groupby(
-        ["config", "metric", "module", "source", "unit"], sort=True
+    isolated = cold.index.isin(memory_pass(cold).index)
+    cold = cold.assign(modality=np.where(isolated, MEMORY_MODALITY, COLD_MODALITY))
+    for (config, metric, module, source, unit, modality), group in cold.groupby(
+        ["config", "metric", "module", "source", "unit", "modality"], sort=True
     ):
         values = group["value"].to_numpy(dtype=float)
         records.append(
@@ -204,7 +208,7 @@ def summary_table(samples: pd.DataFrame) -> pd.DataFrame:
                 "config": config,
                 "metric": metric,
                 "module": module,
-                "modality": COLD_MODALITY,
+                "modality": modality,
                 "source": source,
                 "unit": unit,
                 "n": len(values),
@@ -229,9 +233,18 @@ def epochs_of(samples: pd.DataFrame) -> pd.Series:
     return epochs.groupby(level=0).max()
 
 
+def memory_pass(samples: pd.DataFrame) -> pd.DataFrame:
+    """The samples of a co-resident run's isolated memory pass (`runner.memory_pass`)."""
+    marked = [isinstance(e, dict) and e.get(PASS_KEY) == MEMORY_PASS for e in samples["extra"]]
+    return samples.loc[np.array(marked, dtype=bool)]
+
+
 def process_table(samples: pd.DataFrame, metric: str) -> Rounds:
-    """One value per process (its peak): rows are epochs, each its own resampled unit."""
-    rows = timed(samples)
+    """One value per process (its peak): rows are epochs, each its own resampled unit. A
+    co-resident run's processes held every configuration at once, so its per-configuration
+    peaks come from its isolated memory pass."""
+    isolated = memory_pass(samples)
+    rows = isolated if len(isolated) else timed(samples)
     rows = rows[(rows["metric"] == metric) & (rows["module"] == "total")]
     if rows.empty:
         return Rounds(pd.DataFrame(), pd.Series(dtype=int))
@@ -241,9 +254,10 @@ def process_table(samples: pd.DataFrame, metric: str) -> Rounds:
 
 
 def paired_saving(rounds: Rounds, base: str, opt: str) -> Estimate | None:
-    """Δ of `opt` against `base` over the rounds both have, its interval including the
-    variance between processes; None when fewer than two such rounds exist or a value is
-    not positive.
+    """Δ of `opt` against `base` over the rows both have (per-process locations, from
+    `replicated.locations`, or rounds of a one-process run), its interval including the
+    variance between processes; None when fewer than two such rows exist or a value is not
+    positive.
 
     The one estimator of one configuration against another: comparisons.csv, the verdict,
     leave-one-out and the A/A control all come from it (`replicated.saving`).
@@ -261,6 +275,13 @@ def metric_rounds(samples: pd.DataFrame, metric: str) -> Rounds:
     return process_table(samples, metric) if metric in PER_PROCESS else rounds_of(samples, metric)
 
 
+def compared_values(samples: pd.DataFrame, metric: str) -> Rounds:
+    """What a comparison of `metric` between configurations is made of: per-process peaks for
+    a quantity fixed per process, else the per-process locations of its rounds."""
+    rounds = metric_rounds(samples, metric)
+    return rounds if metric in PER_PROCESS else locations(rounds)
+
+
 def modality_rounds(samples: pd.DataFrame, modality: str) -> Rounds:
     """Per-round mean end-to-end latency of one modality's requests: a transform that serves
     only image (or only text) requests differently shows its saving there, undiluted."""
@@ -273,10 +294,10 @@ def modality_rounds(samples: pd.DataFrame, modality: str) -> Rounds:
 def _compared_rounds(samples: pd.DataFrame) -> list[tuple[str, str, Rounds]]:
     """(metric, label, per-round values) of everything compared: the COMPARED metrics, then
     the latency of image and of text requests apart."""
-    compared = [(m, label, metric_rounds(samples, m)) for m, label in COMPARED.items()]
+    compared = [(m, label, compared_values(samples, m)) for m, label in COMPARED.items()]
     for modality in MODALITIES:
         label = f"latency, {modality} requests"
-        compared.append(("latency_e2e_s", label, modality_rounds(samples, modality)))
+        compared.append(("latency_e2e_s", label, locations(modality_rounds(samples, modality))))
     return compared
 
 

@@ -74,19 +74,21 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Rounds:
-    """Per-round values of configurations (rows: rounds, columns: configurations), each round
-    labelled with the epoch (process) it was measured in."""
+    """Values of configurations (columns), one row per round labelled with the epoch (process)
+    it was measured in; or, from `locations`, one row per process (`round_count` then says how
+    many rounds stand behind the rows)."""
 
     table: pd.DataFrame
     epochs: pd.Series
+    round_count: int | None = None
 
     def select(self, names: list[str]) -> Rounds:
-        """Only `names`, and only the rounds where all of them were measured."""
+        """Only `names`, and only the rows where all of them were measured."""
         missing = [n for n in names if n not in self.table]
         if missing:
             raise ValueError(f"no values for configuration(s) {missing}")
         table = self.table[names].dropna()
-        return Rounds(table, self.epochs.reindex(table.index))
+        return Rounds(table, self.epochs.reindex(table.index), self.round_count)
 
     @property
     def n_epochs(self) -> int:
@@ -108,11 +110,12 @@ def estimate(rounds: Rounds, statistic: Statistic, confidence: float = CONFIDENC
     point = float(statistic(rounds.arrays()))
     epochs = rounds.epochs.to_numpy()
     labels = np.unique(epochs)
-    n_rounds = len(rounds.table)
+    n_rounds = rounds.round_count or len(rounds.table)
     if labels.size < 2:
         return _rounds_only(rounds, statistic, point, confidence)
+    columns = {name: rounds.table[name].to_numpy(dtype=float) for name in rounds.table.columns}
     leave_out = np.array(
-        [statistic(rounds.arrays(rounds.table.index[epochs != label])) for label in labels]
+        [statistic({k: v[epochs != label] for k, v in columns.items()}) for label in labels]
     )
     p = labels.size
     se = float(math.sqrt((p - 1) / p * np.sum((leave_out - leave_out.mean()) ** 2)))
@@ -146,6 +149,52 @@ def _rounds_only(rounds: Rounds, statistic: Statistic, point: float, confidence:
     return Estimate(point, float(lo), float(hi), math.nan, 1, 1, n, ROUNDS_ONLY, False)
 
 
+# Share of rounds trimmed from each end of a process's values (`locations`): chosen on the
+# stored reference runs and by simulation (README, "Measurement notes").
+TRIM = 0.2
+
+
+def locations(rounds: Rounds, trim: float = TRIM) -> Rounds:
+    """One value per process and configuration, the estimator every contrast is made of.
+
+    Each round is centred on its mean log value over the configurations (what the round
+    shares cancels in every contrast); then, per process, the `trim`-trimmed mean over its
+    rounds of each configuration's centred log value (a few stalled blocks cannot move it).
+    The centring is linear on purpose: every configuration's centred noise then has the same
+    distribution whatever the effects, so contrasts stay unbiased under skewed noise, which a
+    median centring is not (+0.4% on a 5% effect at this machine's tails; README). Only the
+    rounds where every configuration of the process was measured count. The rows are
+    processes, the unit that carries an offset, so intervals over them include it. Values
+    are exp(location): contrasts are ratios of them, as of raw times. Non-positive values are
+    missing. With one process there is nothing to locate over: the rounds are returned.
+    """
+    table = rounds.table
+    epochs = rounds.epochs.reindex(table.index)
+    if table.empty or epochs.nunique() < 2:
+        return rounds
+    logs = np.log(table.where(table > 0))
+    present = logs.notna().sum(axis=1)
+    complete = present == present.groupby(epochs.to_numpy()).transform("max")
+    logs = logs[complete & (present >= 2)]
+    centred = logs.sub(logs.mean(axis=1), axis=0)
+    labels = epochs.reindex(centred.index).to_numpy()
+    values = centred.to_numpy(dtype=float)
+    processes = np.unique(labels)
+    located = pd.DataFrame(
+        [[trimmed_mean(column, trim) for column in values[labels == e].T] for e in processes],
+        index=processes,
+        columns=centred.columns,
+    )
+    return Rounds(np.exp(located), pd.Series(processes, index=processes), len(centred))
+
+
+def trimmed_mean(values: np.ndarray, trim: float = TRIM) -> float:
+    """Mean of the finite values after cutting `trim` of them from each end (NaN if none)."""
+    finite = np.sort(values[np.isfinite(values)])
+    cut = int(trim * finite.size)  # as scipy.stats.trim_mean cuts
+    return float(finite[cut : finite.size - cut].mean()) if finite.size else math.nan
+
+
 def mean_log_ratio(base: str, opt: str) -> Statistic:
     """mean over rounds of log(opt/base): the log of the geometric-mean ratio."""
     return lambda c: float(np.mean(np.log(c[opt] / c[base])))
@@ -167,117 +216,3 @@ def _check_positive(rounds: Rounds) -> None:
     bad = [n for n in rounds.table if (rounds.table[n] <= 0).any()]
     if bad:
         raise ValueError(f"values must be > 0 to form ratios; non-positive values in {bad}")
-
-
-# --- variance components and the minimum detectable effect ----------------------------------
-
-
-@dataclass(frozen=True)
-class Components:
-    """Process-level SD τ and within-process (round) SD σ of log values, per configuration."""
-
-    tau: float
-    sigma: float
-    processes: int
-    rounds_per_process: float
-    configurations: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def variance_components(rounds: Rounds) -> Components:
-    """τ and σ from the run itself: one-way random-effects ANOVA per configuration over its
-    epochs, after removing each round's shared drift; pooled over configurations.
-
-    Centering each round on its mean over C configurations shrinks both components by
-    (1 − 1/C); they are scaled back. τ² is clamped at 0 (its estimate can go negative).
-    """
-    table = rounds.table.dropna()
-    names = list(table.columns)
-    c = len(names)
-    if c < 2 or len(table) < 2:
-        raise ValueError("variance components need at least 2 configurations and 2 rounds")
-    logs = np.log(table.to_numpy(dtype=float))
-    centred = logs - logs.mean(axis=1, keepdims=True)
-    epochs = rounds.epochs.reindex(table.index).to_numpy()
-    labels = np.unique(epochs)
-    scale = c / (c - 1)
-    within, between = [], []
-    for j in range(c):
-        groups = [centred[epochs == label, j] for label in labels]
-        sizes = np.array([g.size for g in groups], dtype=float)
-        ss_within = sum(float(np.sum((g - g.mean()) ** 2)) for g in groups)
-        df_within = float(np.sum(sizes - 1))
-        ms_within = ss_within / df_within if df_within > 0 else math.nan
-        within.append(ms_within)
-        if labels.size >= 2:
-            grand = np.concatenate(groups).mean()
-            ms_between = float(
-                np.sum(sizes * (np.array([g.mean() for g in groups]) - grand) ** 2)
-            ) / (labels.size - 1)
-            n0 = (sizes.sum() - np.sum(sizes**2) / sizes.sum()) / (labels.size - 1)
-            between.append((ms_between - ms_within) / n0)
-    # One round per process leaves no within-process variance to estimate: σ is unknown.
-    known = [w for w in within if math.isfinite(w)]
-    sigma2 = float(np.mean(known)) * scale if known else math.nan
-    tau2 = max(0.0, float(np.mean(between)) * scale) if between else math.nan
-    return Components(
-        tau=math.sqrt(tau2) if math.isfinite(tau2) else math.nan,
-        sigma=math.sqrt(sigma2),
-        processes=int(labels.size),
-        rounds_per_process=len(table) / labels.size,
-        configurations=c,
-    )
-
-
-def contrast_weight(singles: int) -> int:
-    """Σ of squared coefficients of the log-scale interaction contrast
-    stack − Σ singles + (k − 1)·baseline: 1 + k + (k − 1)²; a plain A vs B comparison is 2."""
-    return 1 + singles + (singles - 1) ** 2
-
-
-def mde(
-    tau: float,
-    sigma: float,
-    processes: int,
-    rounds_per_process: float,
-    weight: float = 2.0,
-    alpha: float = 0.05,
-    power: float = 0.8,
-) -> float:
-    """Smallest change detected with 95% confidence and 80% power by a contrast of log means
-    whose squared coefficients sum to `weight`, with P processes of K rounds each:
-    SE = √(weight·(τ² + σ²/K)/P), t quantiles with P−1 degrees of freedom."""
-    if processes < 2:
-        return math.nan
-    se = math.sqrt(weight * (tau**2 + sigma**2 / rounds_per_process) / processes)
-    df = processes - 1
-    m = (stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * se
-    return float(math.expm1(m))
-
-
-def plan_for(
-    target: float,
-    components: Components,
-    start_seconds: float,
-    round_seconds: float,
-    weight: float = 2.0,
-    max_processes: int = 1000,
-) -> dict[str, Any]:
-    """Processes and rounds per process that reach MDE `target` in the least time.
-
-    Kalibera and Jones (ISMM 2013): with a cost `start_seconds` per process and
-    `round_seconds` per round, the optimal rounds per process is √(start·σ² / (round·τ²));
-    then the fewest processes that reach the target. Times are per configuration.
-    """
-    tau, sigma = components.tau, components.sigma
-    if tau > 0:
-        k = max(1, round(math.sqrt(start_seconds * sigma**2 / (round_seconds * tau**2))))
-    else:
-        k = max(1, round(components.rounds_per_process))
-    for p in range(2, max_processes + 1):
-        if mde(tau, sigma, p, k, weight) <= target:
-            seconds = p * (start_seconds + k * round_seconds)
-            return {"target": target, "processes": p, "rounds_per_process": k, "seconds": seconds}
-    return {"target": target, "processes": None, "rounds_per_process": k, "seconds": None}

@@ -8,7 +8,8 @@
 - Accuracy: exact paired tests on the scored examples (`bench.judge.accuracy`).
 - Leave-one-out and pair rows, with intervals for their differences; the rows are one
   correlated family, with Holm-adjusted p-values beside them.
-- The process-level and round-level SDs (τ, σ) of the run.
+- The variance components of the run's latency (round effect, process offset, block noise,
+  tail weight) and the resolution they give: the MDE of one transform and of the interaction.
 
 Only configurations that were measured count: a transform whose single was skipped, rejected
 or failed is left out, and the verdict is over the stack of the others when that stack exists.
@@ -28,8 +29,17 @@ from bench.configuration import Protocol
 from bench.designs import AA_CONTROL, BASELINE, config_name
 from bench.judge.accuracy import accuracy_verdict
 from bench.judge.analysis import epochs_of, paired_saving, process_table, rounds_of, timed
+from bench.judge.components import Components, variance_components
 from bench.judge.memory import memory_verdict
-from bench.judge.replicated import Estimate, Rounds, estimate, saving_from_log, variance_components
+from bench.judge.planning import contrast_weight, resolution
+from bench.judge.replicated import (
+    CONFIDENCE,
+    Estimate,
+    Rounds,
+    estimate,
+    locations,
+    saving_from_log,
+)
 from bench.judge.shares import OTHER
 from bench.judge.verdict import metric_verdict
 
@@ -51,7 +61,9 @@ class SuiteVerdict:
     leave_one_out: list[dict[str, Any]] = field(default_factory=list)
     pairs: list[dict[str, Any]] = field(default_factory=list)
     family: dict[str, Any] | None = None
-    process_variance: dict[str, Any] | None = None
+    components: dict[str, Any] | None = None  # latency's variance components
+    resolution: dict[str, Any] | None = None  # what this run could resolve, from them
+    sequential: dict[str, Any] | None = None  # the stopping rule's looks (`bench.suite`)
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,8 +148,12 @@ def judge(
     transforms: Sequence[str],
     preflight: dict[str, dict[str, Any]],
     protocol: Protocol | None = None,
+    confidence: float = CONFIDENCE,
 ) -> SuiteVerdict:
-    """The verdict over the given transforms (in stacking order), from stored samples."""
+    """The verdict over the given transforms (in stacking order), from stored samples.
+
+    `confidence` is the residuals' (a run that looked at its verdict on the way states them
+    at the confidence its stopping rule leaves: `bench.judge.stopping`)."""
     protocol = protocol or Protocol()
     measured = _measured_configs(samples)
     excluded = {}
@@ -148,8 +164,10 @@ def judge(
     covered = [t for t in transforms if t not in excluded]
     stack = config_name(covered) if len(covered) >= 2 else None
     verdict = SuiteVerdict(covered, stack, excluded)
-    latency = rounds_of(samples, TIME_METRIC[1])
-    verdict.process_variance = _components(latency)
+    latency_rounds = rounds_of(samples, TIME_METRIC[1])
+    verdict.components = _components(latency_rounds)
+    verdict.resolution = _resolution(verdict.components, len(covered))
+    latency = locations(latency_rounds)
     if BASELINE not in measured:
         verdict.problems.append("no verdict: the baseline was not measured")
         return verdict
@@ -163,7 +181,7 @@ def judge(
     hierarchical = hierarchical_prediction(samples, covered)
     judged = [(TIME_METRIC[0], TIME_METRIC[1], latency, hierarchical)]
     for metric in RESTATED:
-        rounds = rounds_of(samples, metric)
+        rounds = locations(rounds_of(samples, metric))
         if rounds.table.empty or any(n not in rounds.table for n in names):
             continue
         source = _source(samples, metric)
@@ -185,6 +203,7 @@ def judge(
                 stack,
                 margin=protocol.margin,
                 predicted_hierarchical=prediction,
+                confidence=confidence,
             )
         except ValueError as error:
             verdict.problems.append(f"{label}: {error}")
@@ -202,13 +221,31 @@ def judge(
 
 
 def _components(rounds: Rounds) -> dict[str, Any] | None:
-    """τ and σ of the run's latency, on the log scale (0.01 ≈ 1%)."""
+    """The variance components of the run's latency (log scale, 0.01 ≈ 1%); None when the run
+    has too few processes, rounds or configurations to tell them apart."""
     if rounds.table.empty or rounds.table.shape[1] < 2:
         return None
     try:
         return variance_components(rounds).to_dict()
     except ValueError:
         return None
+
+
+def _resolution(components: dict[str, Any] | None, singles: int) -> dict[str, Any] | None:
+    """The MDE (95% confidence, 80% power) this run's own noise gives one transform against
+    the baseline and the interaction contrast of its singles."""
+    if components is None or components["processes"] < 2:
+        return None
+    found = Components(**components)
+    weight = contrast_weight(max(singles, 2))
+    return {
+        "mde_single_pct": 100 * resolution(found.measured_se(2), found.processes),
+        "mde_interaction_pct": 100 * resolution(found.measured_se(weight), found.processes),
+        "interaction_weight": weight,
+        "how": "from the spread of the processes' located latencies (τ² + σ_eff²/K per "
+        "process); the interaction contrast stack − Σ singles + (k − 1)·baseline weighs "
+        f"{weight}/2 of a single's variance",
+    }
 
 
 def _restated(

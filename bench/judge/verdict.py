@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 
 from bench.judge.formulas import independent_saving
-from bench.judge.replicated import Estimate, Rounds, estimate, saving, saving_from_log
+from bench.judge.replicated import (
+    CONFIDENCE,
+    Estimate,
+    Rounds,
+    Statistic,
+    estimate,
+    saving,
+    saving_from_log,
+)
 from core.jsonio import json_safe
 
 COMPOUNDS = "compounds"
@@ -102,6 +110,37 @@ def _log_ratios(c: Mapping[str, np.ndarray], baseline: str, names: Sequence[str]
     return [float(np.mean(np.log(c[n] / c[baseline]))) for n in names]
 
 
+def _predicted(baseline: str, singles: Sequence[str]) -> Statistic:
+    """eq 4.2 from the singles' savings."""
+
+    def statistic(c: Mapping[str, np.ndarray]) -> float:
+        savings = [saving_from_log(v) for v in _log_ratios(c, baseline, singles)]
+        return float(independent_saving(np.array(savings)))
+
+    return statistic
+
+
+def _residual(baseline: str, singles: Sequence[str], stack: str) -> Statistic:
+    """Measured stack saving − the eq 4.2 prediction."""
+    predicted = _predicted(baseline, singles)
+
+    def statistic(c: Mapping[str, np.ndarray]) -> float:
+        return saving_from_log(_log_ratios(c, baseline, [stack])[0]) - predicted(c)
+
+    return statistic
+
+
+def residual_estimate(
+    rows: Rounds,
+    baseline: str,
+    singles: Sequence[str],
+    stack: str,
+    confidence: float = CONFIDENCE,
+) -> Estimate:
+    """The residual with its interval at `confidence` (a sequential look asks for more)."""
+    return estimate(rows, _residual(baseline, singles, stack), confidence)
+
+
 def metric_verdict(
     metric: str,
     unit: str,
@@ -111,13 +150,16 @@ def metric_verdict(
     stack: str,
     margin: float = DEFAULT_MARGIN,
     predicted_hierarchical: Estimate | None = None,
+    confidence: float = CONFIDENCE,
 ) -> VerdictRow:
     """Judge whether the stack's saving on one cost metric (lower is better) matches eq 4.2.
 
-    Prediction, residual and interaction ratio are computed on the rounds where the baseline,
-    every single and the stack were all measured, and their intervals from one resampling of
-    processes, so the prediction's uncertainty and its correlation with the measurement are
-    carried into the residual.
+    `rounds` holds per-process locations (`replicated.locations`; rounds for a one-process
+    run). Prediction, residual and interaction ratio are computed on the processes where the
+    baseline, every single and the stack were all measured, and their intervals from one
+    resampling of processes, so the prediction's uncertainty and its correlation with the
+    measurement are carried into the residual. `confidence` is the residual's and the ratio's
+    (a sequential look widens them; `bench.judge.sequential`).
     """
     names = [baseline, *singles, stack]
     if not singles:
@@ -129,22 +171,15 @@ def metric_verdict(
     if nonpositive:
         raise ValueError(f"{metric}: values must be > 0 to form ratios; see {nonpositive}")
 
-    def predicted(c: Mapping[str, np.ndarray]) -> float:
-        savings = [saving_from_log(v) for v in _log_ratios(c, baseline, singles)]
-        return float(independent_saving(np.array(savings)))
-
-    def measured(c: Mapping[str, np.ndarray]) -> float:
-        return saving_from_log(_log_ratios(c, baseline, [stack])[0])
-
     def log_interaction(c: Mapping[str, np.ndarray]) -> float:
         logs = _log_ratios(c, baseline, [stack, *singles])
         return logs[0] - sum(logs[1:])
 
     single_estimates = {s: saving(joint, baseline, s) for s in singles}
     row_measured = saving(joint, baseline, stack)
-    row_predicted = estimate(joint, predicted)
-    residual = estimate(joint, lambda c: measured(c) - predicted(c))
-    ratio = estimate(joint, log_interaction).mapped(math.exp, increasing=True)
+    row_predicted = estimate(joint, _predicted(baseline, singles))
+    residual = residual_estimate(joint, baseline, singles, stack, confidence)
+    ratio = estimate(joint, log_interaction, confidence).mapped(math.exp, increasing=True)
     judged = departure(residual, margin)
     resolved = all(e.lo > 0 for e in single_estimates.values())
     word = _word(judged, resolved)
