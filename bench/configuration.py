@@ -100,6 +100,16 @@ class Protocol:
     max_alive: int = 0  # workers alive at once; 0 = one per configuration (all of them)
     min_block_seconds: float = 0.0  # a block serves its requests again until this long
     start_method: str = "spawn"  # how workers start: "spawn" or "forkserver"
+    # "isolated": one configuration per worker process; "coresident": one process holds every
+    # configuration of an epoch and rotates among them (see `bench.measure.runner`).
+    placement: str = "isolated"
+    # With co-resident placement each configuration's memory is measured apart: this many
+    # isolated processes per configuration, one block each, before the timed rounds (0: none,
+    # and peak memory per configuration goes unmeasured).
+    memory_processes: int = 3
+    # Look at the verdict after half, three quarters and all of the processes, and stop
+    # once the latency residual is decisive (`bench.judge.sequential`).
+    sequential: bool = False
     max_seconds: float | None = None  # wall budget for the timed rounds; None = no cap
     threads: int = 2
     seed: int = 0
@@ -158,6 +168,7 @@ class _Invalid(ValueError):
 
 
 START_METHODS = ("spawn", "forkserver")
+PLACEMENTS = ("isolated", "coresident")
 # field → (lowest, highest) allowed in a stored run; None: unbounded on that side. The same
 # ranges the command line enforces (without its caps, which --no-limits may have lifted).
 _SEED = (0, 2**32 - 1)
@@ -168,6 +179,7 @@ _RANGES: dict[str, dict[str, tuple[float | None, float | None]]] = {
         "min_seconds": (0, None),
         "processes": (1, None),
         "max_alive": (0, None),
+        "memory_processes": (0, None),
         "min_block_seconds": (0, None),
         "threads": (1, 1024),
         "seed": _SEED,
@@ -205,6 +217,11 @@ def _check_stored(spec: RunSpec) -> None:
         raise _Invalid(
             f"config.protocol.start_method must be one of {', '.join(START_METHODS)}, "
             f"got {spec.protocol.start_method!r}"
+        )
+    if spec.protocol.placement not in PLACEMENTS:
+        raise _Invalid(
+            f"config.protocol.placement must be one of {', '.join(PLACEMENTS)}, "
+            f"got {spec.protocol.placement!r}"
         )
     if not spec.configurations:
         raise _Invalid("config.configurations is empty")

@@ -33,7 +33,7 @@ from bench.configuration import (
     WorkloadSpec,
 )
 from bench.designs import BASELINE, build_configurations
-from bench.judge import analysis
+from bench.judge import analysis, stopping
 from bench.judge.analysis import RunTables
 from bench.judge.busy import busy_summary
 from bench.judge.shares import module_shares
@@ -333,6 +333,70 @@ def remembered_interrupt() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+AUTO, ISOLATED = "auto", "isolated"
+# Transforms whose compiled kernels live in the process (torch.compile keeps one cache per
+# process), and engines that compile: configurations sharing a process would share it.
+COMPILED_REQUIREMENT = "flex_attention"
+COMPILING_ENGINES = ("graphs",)
+
+
+def resolve_placement(
+    choice: str, transforms: tuple[TransformSpec, ...], engine: str
+) -> tuple[str, str]:
+    """The placement `--placement auto` means for these transforms, and why: co-resident
+    (it halves the interaction interval per minute here; README) unless something compiles,
+    since compiled graphs of several configurations in one process would share one compile
+    cache and recompile one another."""
+    if choice != AUTO:
+        return choice, "chosen"
+    if engine in COMPILING_ENGINES:
+        return ISOLATED, f"the {engine} engine compiles: each configuration in its own process"
+    compiled = [
+        t.name
+        for t in transforms
+        if COMPILED_REQUIREMENT in get_transform(t.name, t.params).requires
+    ]
+    if compiled:
+        return ISOLATED, f"{', '.join(compiled)} compile: each configuration in its own process"
+    return "coresident", "auto: nothing compiles, so configurations share their processes"
+
+
+def stopping_rule(suite: Suite, say: Say) -> Callable[[int], str | None] | None:
+    """The sequential rule for `run_rounds` (None when the run does not look): after each
+    planned look, the latency residual at the look's confidence; stop when it is decisive.
+    Every look is stored in the run's meta, so the report says what was seen and when."""
+    spec, store = suite.spec, suite.store
+    planned = spec.protocol.processes
+    if not spec.protocol.sequential or not stopping.sequential_applies(planned):
+        return None
+    singles = [t.name for t in spec.transforms]
+    looks: dict[str, Any] = dict(store.meta.get("sequential", {}).get("looks", {}))
+
+    def decided(processes: int) -> str | None:
+        if processes not in stopping.planned_looks(planned) or len(singles) < 2:
+            return None
+        samples = analysis.at_batch(load_run(store.path).samples, spec.serving.batch_sizes[0])
+        look = stopping.latency_look(samples, singles, processes, planned, spec.protocol.margin)
+        if look is None:
+            return None
+        looks[str(processes)] = look.to_dict()
+        point, lo, hi = look.residual
+        say(
+            f"look after {processes}/{planned} processes: latency residual {point:+.2%} "
+            f"[{lo:+.2%}, {hi:+.2%}] at {look.confidence:.1%}: {look.outcome}"
+        )
+        reason = None
+        if stopping.decisive(look):
+            reason = f"the latency residual is decisive ({look.outcome} the ±margin)"
+        store.update_meta(
+            "sequential",
+            {"planned": planned, "looks": looks, "decided_after": processes if reason else None},
+        )
+        return reason
+
+    return decided
+
+
 def measure(suite: Suite, say: Say = _quiet) -> RunOutcome:
     """The checks, then the interleaved rounds; Ctrl-C leaves a run that `resume` continues."""
     store = suite.store
@@ -350,7 +414,9 @@ def measure(suite: Suite, say: Say = _quiet) -> RunOutcome:
             if "idle_power" not in store.meta:  # once per run, before any worker starts
                 say("measuring the device's idle power")
                 store.update_meta("idle_power", idle_power(suite.spec))
-            outcome = run_rounds(suite.spec, store, progress=progress)
+            outcome = run_rounds(
+                suite.spec, store, progress=progress, decided=stopping_rule(suite, say)
+            )
     except KeyboardInterrupt:
         store.set_state("interrupted")
         raise RunInterrupted(
@@ -369,7 +435,27 @@ def measure(suite: Suite, say: Say = _quiet) -> RunOutcome:
         ) from None
     store.update_meta("rounds", outcome.rounds)
     store.update_meta("stopped_by_budget", outcome.stopped_by_budget)
+    store.update_meta("stopped_when_decided", outcome.decided)
     return outcome
+
+
+def sequential_summary(meta: dict[str, Any], spec: RunSpec, processes: int) -> dict[str, Any]:
+    """What the stopping rule did, and the confidence the final residual is stated at."""
+    planned = spec.protocol.processes
+    seen = meta.get("sequential") or {}
+    decided_after = seen.get("decided_after")
+    applies = spec.protocol.sequential and stopping.sequential_applies(planned)
+    return {
+        "enabled": bool(applies),
+        "planned_processes": planned,
+        "look_points": stopping.planned_looks(planned) if applies else [],
+        "looks": list((seen.get("looks") or {}).values()),
+        "decided_after": decided_after,
+        "processes_measured": processes,
+        "confidence": stopping.residual_confidence(planned, processes, decided_after)
+        if applies
+        else stopping.CONFIDENCE,
+    }
 
 
 def analyse(store: RunStore, spec: RunSpec) -> RunTables:
@@ -384,12 +470,19 @@ def analyse(store: RunStore, spec: RunSpec) -> RunTables:
     summary = analysis.summary_table(samples)
     checks = {r["config"]: r for r in loaded.extras if r["kind"] == "preflight"}
     names = [t.name for t in spec.transforms]
-    verdict = judge(samples, names, checks, spec.protocol).to_dict()
+    processes = analysis.rounds_of(samples, "latency_mean_s").n_epochs
+    sequential = sequential_summary(loaded.meta, spec, processes)
+    verdict = judge(samples, names, checks, spec.protocol, sequential["confidence"]).to_dict()
+    verdict["sequential"] = sequential
     verdict["batch_size"] = sizes[0]
     if len(sizes) > 1:
         verdict["by_batch_size"] = {
             str(size): judge(
-                analysis.at_batch(loaded.samples, size), names, checks, spec.protocol
+                analysis.at_batch(loaded.samples, size),
+                names,
+                checks,
+                spec.protocol,
+                sequential["confidence"],
             ).to_dict()
             for size in sizes[1:]
         }
@@ -426,6 +519,9 @@ def json_report(store: RunStore, tables: RunTables) -> dict[str, Any]:
         "model": meta.get("model"),
         "accuracy": meta.get("accuracy"),
         "rounds": meta.get("rounds"),
+        "placement": meta.get("placement"),
+        "target_plan": meta.get("target_plan"),
+        "stopped_when_decided": meta.get("stopped_when_decided"),
         "summary": tables.summary.to_dict(orient="records"),
         "module_shares": tables.shares.to_dict(orient="records"),
         "comparisons": tables.comparisons.to_dict(orient="records"),

@@ -10,6 +10,11 @@ SOURCES: tuple[str, ...] = ("measured", "estimated", "declared", "derived")
 # The `extra` field naming the epoch (worker process) a sample was measured in.
 PROCESS_KEY = "process"
 BATCH_KEY = "batch_size"
+# The `extra` field that marks a sample of the isolated memory pass of a co-resident run.
+PASS_KEY = "pass"
+MEMORY_PASS = "memory"
+# Block index of memory-pass process m: MEMORY_BLOCK − m, far below the cold blocks (−1 − epoch).
+MEMORY_BLOCK = -1_000_000
 
 
 def process_of(extra: object) -> int:

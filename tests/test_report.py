@@ -135,7 +135,8 @@ def test_render_run_shows_header_configurations_verdict_flags_and_failures(
     assert any(line.startswith("energy (estimated): stack Δ ") for line in lines)
     assert any("restates latency" in line for line in lines)
     assert any(line.startswith("peak memory: additive: ") for line in lines)
-    assert any(line.startswith("noise: process SD τ") for line in lines)
+    assert any(line.startswith("noise: round effect ρ") for line in lines)
+    assert any(line.startswith("resolution: this run") for line in lines)
     assert "left out: vision_sleep: needs cuda" in lines
     assert "flag: energy: 2 window(s) read zero or failed (kept as missing)" in lines
     assert "flag: 2 noisy metric(s) (IQR/median > 10%); see report.md" in lines

@@ -77,11 +77,9 @@ def test_run_writes_the_store_with_shares_and_labelled_energy(tiny_cache, tmp_pa
 
 
 def _blocks(run_dir: Path) -> list[tuple[str, int]]:
-    lines = [
-        json.loads(line)
-        for line in (run_dir / "samples.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
+    text = (run_dir / "samples.jsonl").read_text()
+    complete = text[: text.rfind("\n") + 1]  # the run may be writing the last line
+    lines = [json.loads(line) for line in complete.splitlines() if line.strip()]
     return [(r["config"], r["block"]) for r in lines if r["kind"] == "block_done"]
 
 
@@ -218,6 +216,12 @@ def test_calibrate_reports_process_noise_an_mde_and_the_planted_slowdown(tiny_ca
     assert report["mde_interaction_pct"] > report["mde_pct"] > 0  # 8/2 of the variance
     assert report["worker_start_s"] > 0 and report["block_s"] > 0
     assert {p["contrast"] for p in report["plans"]} == {"single", "interaction"}
+    components = report["components"]
+    assert components["processes"] == 3 and components["configurations"] == 3
+    assert {"round_sd", "tau", "sigma", "sigma_effective", "tail_share"} <= set(components)
+    assert set(components["methods"]) >= {"round_sd", "tau", "sigma"}
+    assert report["placement"] == "coresident"
+    assert report["simulation"] is None  # 3 processes are too few to simulate runs of
     (planted,) = report["planted"]
     assert planted["planted_slowdown"] == 0.25
     assert planted["ci"][0] <= planted["measured_slowdown"] <= planted["ci"][1]

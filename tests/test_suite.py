@@ -211,7 +211,7 @@ def test_multiplicative_savings_compound_and_hierarchical_matches_amdahl():
     assert all("restates latency" in r["note"] for r in verdict.restated)
     assert {r["transform"] for r in verdict.leave_one_out} == {"a", "b"}
     assert verdict.family["rows"] == 1 + 2
-    assert verdict.process_variance["processes"] == PROCESSES
+    assert verdict.components["processes"] == PROCESSES
 
 
 @pytest.mark.parametrize(

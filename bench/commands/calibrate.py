@@ -30,7 +30,10 @@ from bench.commands.common import (
     print_json,
     serving_for,
 )
-from bench.configuration import START_METHODS
+from bench.configuration import PLACEMENTS, START_METHODS
+from bench.judge.components import Components
+from bench.judge.mde import SIMULATIONS
+from bench.judge.simulate import ErrorRates
 from core.errors import CompoundError
 from core.paths import directory_problem
 
@@ -40,6 +43,7 @@ BOUNDS = {
     "batch_size": Bound(low=1, cap=512, why=HOURS),
     "processes": Bound(low=2, cap=200, why=HOURS),
     "threads": Bound(low=1, high=1024),
+    "simulations": Bound(low=0, cap=100_000, why=HOURS),
 }
 
 
@@ -49,10 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--budget",
         type=finite_float,
-        default=120.0,
+        default=180.0,
         metavar="SECONDS",
-        help="timed seconds over all configurations and processes (default 120; worker "
-        "start-ups come on top)",
+        help="timed seconds over all configurations and processes (default 180, about 4 "
+        "minutes with the worker start-ups and the simulation)",
     )
     parser.add_argument(
         "--planted",
@@ -77,6 +81,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=START_METHODS,
         default="forkserver",
         help="how worker processes start (see `compound run --help`)",
+    )
+    parser.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default="coresident",
+        help="one process per configuration (isolated) or one process holding them all "
+        "(coresident; see `compound run --help`)",
+    )
+    parser.add_argument(
+        "--simulations",
+        type=int,
+        default=SIMULATIONS,
+        metavar="N",
+        help=f"simulated runs from the measured components that check the judge's coverage "
+        f"and error rates (default {SIMULATIONS}, about 20 s; 0: none)",
     )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_serving_args(parser)
@@ -113,11 +132,17 @@ def run(args: argparse.Namespace) -> int:
         args.processes,
         args.start_method,
         serving,
+        args.placement,
     )
     console = Console(stderr=True, quiet=args.json)
     with console.status("calibrating") as status:
         report = calibrate(
-            spec, planted, args.results_dir, show_progress=not args.json, say=status.update
+            spec,
+            planted,
+            args.results_dir,
+            show_progress=not args.json,
+            say=status.update,
+            simulations=args.simulations,
         )
     if args.json:
         print_json(report)
@@ -134,10 +159,10 @@ def _print(report: dict[str, Any]) -> None:
         f"calibration on {report['device']}, {report['budget_s']:.0f} s timed, "
         f"{report['processes']} processes × {report['rounds_per_process']:.1f} rounds each"
     )
+    console.print(Components(**report["components"]).line())
     console.print(
-        f"process SD τ {report['tau']:.2%}, round SD σ {report['sigma']:.2%} (log scale); "
         f"A/A: Δ {report['aa_delta']:+.2%} [{report['aa_ci'][0]:+.2%}, "
-        f"{report['aa_ci'][1]:+.2%}]"
+        f"{report['aa_ci'][1]:+.2%}] ({report['placement']} placement; {report['estimator']})"
     )
     console.print(
         f"minimum detectable effect: {report['mde_pct']:.2f}% for one transform, "
@@ -167,3 +192,7 @@ def _print(report: dict[str, Any]) -> None:
             "-" if plan["seconds"] is None else f"{plan['seconds']:.0f}",
         )
     console.print(plans)
+    if report["simulation"]:
+        console.print(ErrorRates(**report["simulation"]).line())
+    if report.get("stored_as"):
+        console.print(f"kept for `compound run --target`: {report['stored_as']}")

@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 
 from bench import suite
+from bench.calibration import load_calibration
 from bench.commands.common import (
     HOURS,
     SEED,
@@ -31,8 +32,9 @@ from bench.commands.common import (
     print_json,
     serving_for,
 )
-from bench.configuration import START_METHODS, Protocol, RunSpec, WorkloadSpec
+from bench.configuration import PLACEMENTS, START_METHODS, Protocol, RunSpec, WorkloadSpec
 from bench.designs import DESIGNS, parse_designs
+from bench.judge.planning import run_plan
 from bench.report.terminal import render_run
 from bench.store import RUN_JSON, check_run_id, live_writer
 from core.errors import CompoundError
@@ -57,6 +59,8 @@ BOUNDS: dict[str, Bound] = {
     "price_per_hour": Bound(low=0, high=10_000, why="dollars per device-hour"),
     "grid_intensity": Bound(low=0, high=2000, why="coal-fired power emits about 1,000 gCO2/kWh"),
     "seed": SEED,
+    "memory_processes": Bound(low=0, cap=20, why=HOURS),
+    "target": Bound(low=0, low_open=True, high=100, why="percentage points of saving"),
 }
 # What --resume may be given with; any other flag would change the stored run.
 RESUME_FLAGS = {"resume", "repair", "results_dir", "json", "no_progress"}
@@ -176,6 +180,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "once; the default) or spawn (a fresh interpreter each)",
     )
     parser.add_argument(
+        "--placement",
+        choices=(suite.AUTO, *PLACEMENTS),
+        default=suite.AUTO,
+        help="isolated: one configuration per worker process; coresident: one process holds "
+        "every configuration and rotates among them each round (narrower intervals per "
+        "minute; peak memory then comes from a short isolated pass, and a crash takes the "
+        "process's other configurations with it, which restart); auto (default): coresident "
+        "unless a transform or the engine compiles",
+    )
+    parser.add_argument(
+        "--memory-processes",
+        type=int,
+        default=3,
+        metavar="N",
+        help="co-resident runs: isolated processes per configuration for peak memory, one "
+        "block each, before the timed rounds (default 3; 0: peak memory unmeasured)",
+    )
+    parser.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="look at the latency residual after half, three quarters and all processes, and "
+        "stop once it is decisive against --margin, with alpha spending keeping the error "
+        "rate at 5%% (default on)",
+    )
+    parser.add_argument(
+        "--target",
+        type=finite_float,
+        default=None,
+        metavar="PP",
+        help="plan processes and rounds so the residual's 95%% interval is about ±PP "
+        "percentage points, from this machine's stored `compound calibrate`; says how long "
+        "the run will take before it starts",
+    )
+    parser.add_argument(
         "--margin",
         type=finite_float,
         default=2.0,
@@ -287,6 +326,14 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
     )
     dtype, serving = serving_for(args, source.device)
     source = replace(source, dtype=dtype)
+    if {"suite", "transforms"} <= args.given:
+        raise CompoundError("--suite and --transforms both choose the transforms; give one")
+    named = args.transforms if "transforms" in args.given else ",".join(suite.SUITES[args.suite])
+    transforms = parse_transforms(named, args.param)
+    designs = parse_designs(args.design)
+    placement, args.placement_why = suite.resolve_placement(
+        args.placement, transforms, serving.engine
+    )
     protocol = Protocol(
         min_rounds=args.min_rounds,
         min_seconds=args.min_seconds,
@@ -304,6 +351,9 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         margin=args.margin / 100,
         memory_margin_mib=args.memory_margin_mib,
         memory_margin_fraction=args.memory_margin_pct / 100,
+        placement=placement,
+        memory_processes=args.memory_processes,
+        sequential=args.sequential,
     )
     workload = WorkloadSpec(
         requests_per_block=args.requests,
@@ -312,12 +362,7 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         new_tokens=args.new_tokens,
         seed=args.seed,
     )
-    if {"suite", "transforms"} <= args.given:
-        raise CompoundError("--suite and --transforms both choose the transforms; give one")
-    named = args.transforms if "transforms" in args.given else ",".join(suite.SUITES[args.suite])
-    transforms = parse_transforms(named, args.param)
-    designs = parse_designs(args.design)
-    return suite.plan(
+    spec = suite.plan(
         source,
         transforms,
         designs,
@@ -326,6 +371,46 @@ def build_spec(args: argparse.Namespace) -> RunSpec:
         aa_control=not args.no_aa_control,
         serving=serving,
     )
+    return planned(spec, args) if args.target is not None else spec
+
+
+def planned(spec: RunSpec, args: argparse.Namespace) -> RunSpec:
+    """The spec with processes and rounds from this machine's stored calibration, so the
+    residual's interval is about ±--target pp; the plan is kept for the start to print."""
+    chosen = {"processes", "min_rounds", "min_seconds", "budget"} & args.given
+    if chosen:
+        flags = ", ".join("--" + c.replace("_", "-") for c in sorted(chosen))
+        raise CompoundError(f"--target plans the processes and rounds itself; drop {flags}")
+    calibration = load_calibration(spec.source)
+    requests = calibration["requests_per_block"]
+    if "requests" in args.given and args.requests != requests:
+        raise CompoundError(
+            f"--target plans from a calibration at {requests} requests per block; drop "
+            f"--requests or run `compound calibrate --requests {args.requests}`"
+        )
+    protocol = spec.protocol
+    plan = run_plan(
+        calibration,
+        len(spec.configurations),
+        len(spec.transforms),
+        args.target / 100,
+        sequential=protocol.sequential,
+        memory_processes=protocol.memory_processes if protocol.placement == "coresident" else 0,
+    )
+    if plan["processes"] is None:
+        raise CompoundError(
+            f"no run of at most 200 processes reaches ±{args.target:g} pp on this machine "
+            "(its process offset τ alone is wider); ask for a larger --target"
+        )
+    args.plan = plan
+    protocol = replace(
+        protocol,
+        processes=plan["processes"],
+        min_rounds=plan["processes"] * plan["rounds_per_process"],
+        min_seconds=0.0,
+    )
+    workload = replace(spec.workload, requests_per_block=requests)
+    return replace(spec, protocol=protocol, workload=workload)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -345,14 +430,28 @@ def run(args: argparse.Namespace) -> int:
             )
         console.print(f"resuming run {current.store.run_id} ({stored} blocks stored)")
     else:
+        spec = build_spec(args)
+        if getattr(args, "plan", None):
+            plan = args.plan
+            console.print(
+                f"plan for ±{args.target:g} pp: {plan['processes']} processes × "
+                f"{plan['rounds_per_process']} rounds, about {plan['seconds'] / 60:.1f} min of "
+                f"rounds + {plan['memory_pass_s'] / 60:.1f} min memory pass, expected "
+                f"±{plan['expected']:.2%} ({plan['how']})"
+            )
         current = suite.start(
-            build_spec(args),
+            spec,
             args.results_dir,
             args.run_id,
             show_progress=not quiet,
             say=console.print,
             prepare_transforms=args.train_students,
         )
+    if args.resume is None:
+        current.store.update_meta(
+            "placement", [current.spec.protocol.placement, args.placement_why]
+        )
+        current.store.update_meta("target_plan", getattr(args, "plan", None))
     with current.store:  # the run's lock is released however the run ends
         return _measure_and_report(args, current, console)
 
@@ -361,6 +460,7 @@ def _measure_and_report(args: argparse.Namespace, current: suite.Suite, console:
     store = current.store
     console.print(
         f"run {store.run_id}: {len(current.spec.configurations)} configuration(s), "
+        f"{current.spec.protocol.placement} ({store.meta.get('placement', ['', 'stored'])[1]}), "
         f"results in {store.path}"
     )
     with console.status("checking") as status:

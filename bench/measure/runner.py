@@ -27,14 +27,16 @@ from bench.configuration import Protocol, RunSpec
 from bench.measure.worker import COLD as COLD_BLOCK
 from bench.measure.worker import worker_main
 from bench.store import RunStore
-from core.samples import PROCESS_KEY, Sample, process_of
+from core.samples import MEMORY_BLOCK, MEMORY_PASS, PASS_KEY, PROCESS_KEY, Sample, process_of
 
 BLOCK_TIMEOUT_S = 1800.0  # one block of a cost-only 7B shape on a CPU can be slow, never this slow
 
 
 @dataclass
 class _Live:
-    name: str
+    """One worker process and the configurations it holds (one, unless co-resident)."""
+
+    names: list[str]
     process: BaseProcess
     conn: Connection
 
@@ -44,9 +46,11 @@ class RunOutcome:
     rounds: int
     failed: dict[str, str] = field(default_factory=dict)
     stopped_by_budget: bool = False
+    decided: str | None = None  # why a sequential rule stopped the run early
 
 
 ProgressFn = Callable[[str], None]
+DecidedFn = Callable[[int], str | None]  # epochs complete → why to stop now, or None
 
 
 def round_order(names: list[str], seed: int, round_index: int) -> list[str]:
@@ -84,10 +88,12 @@ def _ask(live: _Live, message: tuple, timeout: float) -> tuple:
 FORKSERVER_PRELOAD = ["torch", "transformers", "bench.measure.worker"]
 
 
-def _start(spec: RunSpec, index: int, idle_watts: float | None = None) -> _Live:
-    """Start one worker. It inherits SIGINT ignored (a disposition kept across exec, and the
-    fork server started here keeps it for its children), so a Ctrl-C in the terminal reaches
-    only the parent, which stops the workers quietly.
+def _start(spec: RunSpec, names: list[str], idle_watts: float | None = None) -> _Live:
+    """Start one worker process holding the configurations `names`, loaded in that order.
+
+    It inherits SIGINT ignored (a disposition kept across exec, and the fork server started
+    here keeps it for its children), so a Ctrl-C in the terminal reaches only the parent,
+    which stops the workers quietly.
 
     `forkserver` forks each worker from a server that imported torch once (about 1 s per
     worker on 2 cores, against about 7 s for `spawn`, which imports everything anew).
@@ -97,8 +103,11 @@ def _start(spec: RunSpec, index: int, idle_watts: float | None = None) -> _Live:
         mp.set_forkserver_preload(FORKSERVER_PRELOAD)
     context = mp.get_context(method)
     parent, child = context.Pipe()
+    index = {c.name: i for i, c in enumerate(spec.configurations)}
     process = context.Process(
-        target=worker_main, args=(child, spec.to_dict(), index, idle_watts), daemon=True
+        target=worker_main,
+        args=(child, spec.to_dict(), [index[n] for n in names], idle_watts),
+        daemon=True,
     )
     # Blocked first, so a Ctrl-C that comes while the worker starts stays pending (Linux keeps
     # a blocked signal pending even while it is ignored) and reaches the parent once the
@@ -111,7 +120,7 @@ def _start(spec: RunSpec, index: int, idle_watts: float | None = None) -> _Live:
         signal.signal(signal.SIGINT, previous)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     child.close()
-    return _Live(spec.configurations[index].name, process, parent)
+    return _Live(list(names), process, parent)
 
 
 def _stop(live: _Live) -> None:
@@ -181,16 +190,32 @@ class _Progress:
         return int(self.rounds["round"].max()) + 1 if len(self.rounds) else 0
 
 
-def run_rounds(spec: RunSpec, store: RunStore, progress: ProgressFn | None = None) -> RunOutcome:
+def process_groups(names: list[str], placement: str, seed: int, epoch: int) -> list[list[str]]:
+    """Which configurations share a worker process in `epoch`, in the order they start (or
+    load): each alone (`isolated`), or all in one process (`coresident`); random per epoch."""
+    ordered = start_order(names, seed, epoch)
+    return [ordered] if placement == "coresident" else [[name] for name in ordered]
+
+
+def run_rounds(
+    spec: RunSpec,
+    store: RunStore,
+    progress: ProgressFn | None = None,
+    decided: DecidedFn | None = None,
+) -> RunOutcome:
     """Measure every configuration in `protocol.processes` epochs, then stop.
 
-    In each epoch one worker per configuration starts (one at a time, in a random order:
-    cold starts must not overlap), rounds run until the epoch's share of the minima is met,
-    and all workers stop. A resumed run continues the epoch it was in with fresh workers.
+    In each epoch the configurations' workers start (one process at a time, in a random
+    order: cold starts must not overlap), rounds run until the epoch's share of the minima is
+    met, and all workers stop. A resumed run continues the epoch it was in with fresh workers.
     With `max_alive` set (memory allows fewer workers than configurations), an epoch runs its
     configurations in groups of at most that many, one group after another, on the same
     round numbers: rounds still pair by number, but a pair from two groups was measured at
-    different times of the same epoch.
+    different times of the same epoch. A co-resident process that dies takes its other
+    configurations with it: they start again in a fresh process and go on.
+
+    `decided`, asked after every complete epoch, may end the run early (a sequential rule):
+    it returns why, or None to go on.
     """
     say = progress or (lambda _message: None)
     protocol = spec.protocol
@@ -201,6 +226,8 @@ def run_rounds(spec: RunSpec, store: RunStore, progress: ProgressFn | None = Non
     seconds_each = protocol.min_seconds / protocol.processes
     budget_start = time.perf_counter()
     outcome = RunOutcome(rounds=0, failed=failed)
+    if protocol.placement == "coresident":
+        memory_pass(spec, store, failed, say)
     for epoch in range(protocol.processes):
 
         def epoch_done(name: str, epoch: int = epoch) -> bool:
@@ -208,26 +235,109 @@ def run_rounds(spec: RunSpec, store: RunStore, progress: ProgressFn | None = Non
             return rounds >= rounds_each and seconds >= seconds_each
 
         todo = [n for n in names if n not in failed and not epoch_done(n)]
-        if not todo:
-            continue
-        if _over_budget(protocol, budget_start):
-            outcome.stopped_by_budget = True
-            break
         for group in alive_groups(todo, protocol.max_alive, protocol.seed, epoch):
-            live = _start_epoch(spec, store, group, epoch, failed, say)
-            try:
-                outcome.stopped_by_budget = _epoch_rounds(
-                    spec, store, live, epoch, epoch_done, state, failed, budget_start, say
-                )
-            finally:
-                for worker in live.values():
-                    _stop(worker)
+            outcome.stopped_by_budget = _run_group(
+                spec, store, group, epoch, epoch_done, state, failed, budget_start, say
+            )
             if outcome.stopped_by_budget:
                 break
         if outcome.stopped_by_budget:
             break
+        if decided is not None and epoch + 1 < protocol.processes:
+            outcome.decided = decided(epoch + 1)
+            if outcome.decided:
+                say(f"stopping after {epoch + 1} processes: {outcome.decided}")
+                break
     outcome.rounds = int(state.rounds["round"].nunique()) if len(state.rounds) else 0
     return outcome
+
+
+def _run_group(
+    spec: RunSpec,
+    store: RunStore,
+    group: list[str],
+    epoch: int,
+    epoch_done: Callable[[str], bool],
+    state: _Progress,
+    failed: dict[str, str],
+    budget_start: float,
+    say: ProgressFn,
+) -> bool:
+    """One alive group's rounds in `epoch`; True if the budget stopped them. Configurations a
+    dying co-resident process took with it are started again, in a fresh process."""
+    while True:
+        todo = [n for n in group if n not in failed and not epoch_done(n)]
+        if not todo:
+            return False
+        if _over_budget(spec.protocol, budget_start):
+            return True
+        live = _start_epoch(spec, store, todo, epoch, failed, say)
+        if not live:
+            return False
+        try:
+            stopped = _epoch_rounds(
+                spec, store, live, epoch, epoch_done, state, failed, budget_start, say
+            )
+        finally:
+            for worker in _processes(live):
+                _stop(worker)
+        if stopped:
+            return True
+
+
+MEMORY_ORDER = 1_000_000  # start orders of the memory pass: apart from the timed epochs'
+# What the isolated memory pass keeps of a block: the figures fixed by the process.
+MEMORY_METRICS = frozenset(
+    {
+        "peak_rss_bytes",
+        "rss_bytes",
+        "param_bytes",
+        "buffer_bytes",
+        "peak_allocated_bytes",
+        "peak_reserved_bytes",
+        "nvml_process_bytes",
+    }
+)
+
+
+def memory_pass(spec: RunSpec, store: RunStore, failed: dict[str, str], say: ProgressFn) -> None:
+    """Each configuration alone in `memory_processes` fresh processes, one block each, its
+    memory figures kept (block MEMORY_BLOCK − m, marked as the memory pass): what a
+    co-resident run gives up, since its processes hold every configuration at once. A
+    configuration that fails here fails for the run, as it would have in its own process."""
+    names = [c.name for c in spec.configurations]
+    for m in range(spec.protocol.memory_processes):
+        block = MEMORY_BLOCK - m
+        completed = store.completed_blocks()
+        for name in start_order(names, spec.protocol.seed, MEMORY_ORDER + m):
+            if name in failed or (name, block) in completed:
+                continue
+            say(f"memory pass {m + 1}/{spec.protocol.memory_processes}: {name} alone")
+            worker = _start(spec, [name], idle_watts(store))
+            try:
+                message = _receive(worker, BLOCK_TIMEOUT_S)
+                if message[0] == "ready" and name in message[1]:
+                    message = _ask(worker, ("block", name, block), BLOCK_TIMEOUT_S)
+                elif message[0] == "ready":
+                    message = ("error", *message[2][name])
+            except (TimeoutError, RuntimeError, BrokenPipeError, OSError) as error:
+                message = ("error", str(error), "")
+            finally:
+                _stop(worker)
+            if message[0] == "error":
+                store.record_failure(name, message[1], block, detail=message[2])
+                failed[name] = message[1]
+                say(f"{name} failed in the memory pass: {message[1]}")
+                continue
+            kept = [Sample.from_dict(d) for d in message[1] if d["metric"] in MEMORY_METRICS]
+            for sample in _labelled(kept, m, block):
+                sample.extra[PASS_KEY] = MEMORY_PASS
+            store.append_block(name, block, kept)
+
+
+def _processes(live: dict[str, _Live]) -> list[_Live]:
+    """Each live worker process once (co-resident configurations share one)."""
+    return list({id(worker): worker for worker in live.values()}.values())
 
 
 def _over_budget(protocol: Protocol, budget_start: float) -> bool:
@@ -245,33 +355,41 @@ def _start_epoch(
     failed: dict[str, str],
     say: ProgressFn,
 ) -> dict[str, _Live]:
-    """Start this epoch's workers; each one's cold records are stored as block −1 − epoch."""
-    index = {c.name: i for i, c in enumerate(spec.configurations)}
+    """Start this epoch's worker processes (one per configuration, or one for all when they
+    are co-resident); each configuration's cold records are stored as block −1 − epoch."""
+    protocol = spec.protocol
     completed = store.completed_blocks()
     live: dict[str, _Live] = {}
     try:
-        for name in start_order(names, spec.protocol.seed, epoch):
-            say(f"process {epoch + 1}/{spec.protocol.processes}: starting {name}")
+        for group in process_groups(names, protocol.placement, protocol.seed, epoch):
+            say(f"process {epoch + 1}/{protocol.processes}: starting {', '.join(group)}")
             started = time.perf_counter()
-            worker = _start(spec, index[name], idle_watts(store))
+            worker = _start(spec, group, idle_watts(store))
             try:
-                message = _receive(worker, BLOCK_TIMEOUT_S)
+                message = _receive(worker, BLOCK_TIMEOUT_S * len(group))
             except (TimeoutError, RuntimeError) as error:
                 message = ("error", str(error), "")
-            if message[0] == "error":
-                store.record_failure(name, message[1], None, detail=message[2])
-                failed[name] = message[1]
-                say(f"{name} failed to start: {message[1]}")
+            if message[0] == "error":  # the process could not start any of them
+                message = ("ready", {}, {name: (message[1], message[2]) for name in group})
+            seconds = time.perf_counter() - started
+            _, ready, errors = message
+            for name, (error, detail) in errors.items():
+                store.record_failure(name, error, None, detail=detail)
+                failed[name] = error
+                say(f"{name} failed to start: {error}")
+            for name in group:
+                if name not in ready:
+                    continue
+                cold = COLD_BLOCK - epoch
+                if (name, cold) not in completed:
+                    samples = [Sample.from_dict(s) for s in ready[name]]
+                    samples.append(_start_sample(name, cold, seconds, len(group)))
+                    store.append_block(name, cold, _labelled(samples, epoch, cold))
+                live[name] = worker
+            if not ready:
                 _stop(worker)
-                continue
-            cold = COLD_BLOCK - epoch
-            if (name, cold) not in completed:
-                samples = [Sample.from_dict(s) for s in message[1]]
-                samples.append(_start_sample(name, cold, time.perf_counter() - started))
-                store.append_block(name, cold, _labelled(samples, epoch, cold))
-            live[name] = worker
     except BaseException:
-        for worker in live.values():
+        for worker in _processes(live):
             _stop(worker)
         raise
     return live
@@ -283,11 +401,21 @@ def idle_watts(store: RunStore) -> float | None:
     return float(idle["watts"]) if isinstance(idle, dict) else None
 
 
-def _start_sample(name: str, block: int, seconds: float) -> Sample:
-    """How long a worker took from spawn to ready: the cost of one more process."""
+def _start_sample(name: str, block: int, seconds: float, sharing: int) -> Sample:
+    """How long a worker process took from spawn to ready: the cost of one more process.
+    `sharing` is how many configurations it loaded (co-resident ones share one start)."""
     now = time.time()
     return Sample(
-        name, block, "worker_start_s", seconds, "s", "total", "measured", now - seconds, now, {}
+        name,
+        block,
+        "worker_start_s",
+        seconds,
+        "s",
+        "total",
+        "measured",
+        now - seconds,
+        now,
+        {"sharing": sharing},
     )
 
 
@@ -327,14 +455,22 @@ def _epoch_rounds(
                 continue
             worker = live[name]
             try:
-                message = _ask(worker, ("block", round_index), BLOCK_TIMEOUT_S)
+                message = _ask(worker, ("block", name, round_index), BLOCK_TIMEOUT_S)
             except (TimeoutError, RuntimeError, BrokenPipeError, OSError) as error:
                 message = ("error", str(error), "")
+                # A process that hung or died is gone for every configuration it held; the
+                # others start again in a fresh one (`_run_group`).
+                for other in worker.names:
+                    live.pop(other, None)
+                _stop(worker)
             if message[0] == "error":
                 store.record_failure(name, message[1], round_index, detail=message[2])
                 failed[name] = message[1]
                 say(f"{name} failed in round {round_index}: {message[1]}")
-                _stop(live.pop(name))
+                if live.pop(name, None) is not None and not any(
+                    other in live for other in worker.names
+                ):
+                    _stop(worker)
                 continue
             samples = _labelled([Sample.from_dict(s) for s in message[1]], epoch, round_index)
             store.append_block(name, round_index, samples)

@@ -1,9 +1,13 @@
-"""One worker process per configuration: load, transform, warm up, then time blocks on request.
+"""A worker process: load, transform, warm up, then time blocks on request.
 
-A separate process per configuration means a crash or out-of-memory loses only that
-configuration, and the process's peak RSS is that configuration's own peak.
-Messages over the pipe: parent sends ("block", index) or ("stop",); the worker answers
-("ready", samples), ("block", samples) or ("error", one-line message, traceback).
+It holds one configuration (placement `isolated`: a crash or out-of-memory loses only that
+configuration, and the process's peak RSS is that configuration's own) or several
+(`coresident`: they share the process, its offset and its caches, so a contrast between them
+cancels what a process adds; memory is then measured in a separate isolated pass).
+Messages over the pipe: the parent sends ("block", config, index) or ("stop",); the worker
+answers ("ready", {config: samples}, {config: (one-line message, traceback)}) once, then
+("block", samples) or ("error", one-line message, traceback) per block. A configuration that
+fails a block is dropped; the others in the process go on.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import random
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -45,10 +49,15 @@ class Worker:
     """Holds one configuration's bundle and requests, and measures one block at a time."""
 
     def __init__(
-        self, spec: RunSpec, configuration: Configuration, idle_watts: float | None = None
+        self,
+        spec: RunSpec,
+        configuration: Configuration,
+        idle_watts: float | None = None,
+        track_memory: bool = True,
     ) -> None:
         self.spec = spec
         self.idle_watts = idle_watts
+        self.track_memory = track_memory
         self.configuration = configuration
         self.name = configuration.name
         set_threads(spec.protocol.threads)
@@ -162,7 +171,9 @@ class Worker:
 
     def serve_at(self, block: int, batch_size: int) -> list[Sample]:
         memory = MemoryTracker(self.device, module=self.bundle.model)
-        with self.load.window() as load, self.meter.window() as energy, memory:
+        # A process that holds several configurations has one peak for all of them.
+        tracked = memory if self.track_memory else nullcontext()
+        with self.load.window() as load, self.meter.window() as energy, tracked:
             t_start = time.time()
             wall_start = time.perf_counter()
             served = self.serve_block(self.batches[batch_size], wall_start)
@@ -188,7 +199,8 @@ class Worker:
             sample.extra["requests"] = n
         samples += energy_samples
         samples += per_request_energy(energy_samples, n, tokens, self.idle_watts)
-        samples += memory.samples(self.name, block)
+        if self.track_memory:
+            samples += memory.samples(self.name, block)
         samples += load.samples(self.name, block)
         protocol = self.spec.protocol
         samples.append(
@@ -324,17 +336,30 @@ def _one_line(error: BaseException) -> str:
 def worker_main(
     conn: Connection,
     spec_data: dict[str, Any],
-    config_index: int,
+    config_indices: list[int],
     idle_watts: float | None = None,
 ) -> None:
-    """Entry point of the spawned process; `idle_watts` is the device's idle power, measured
-    once per run by the parent (None when its meter only estimates)."""
+    """Entry point of the started process: the configurations `config_indices` of the spec;
+    `idle_watts` is the device's idle power, measured once per run by the parent (None when
+    its meter only estimates). Memory is tracked only when the process holds one."""
     try:
         spec = RunSpec.from_dict(spec_data)
-        worker = Worker(spec, spec.configurations[config_index], idle_watts)
-        conn.send(("ready", [s.to_dict() for s in worker.warm_up()]))
-    except Exception as error:  # report, then exit: the parent records the failure
+    except Exception as error:
         conn.send(("error", _one_line(error), traceback.format_exc()))
+        return
+    workers: dict[str, Worker] = {}
+    ready: dict[str, list[dict[str, Any]]] = {}
+    errors: dict[str, tuple[str, str]] = {}
+    for index in config_indices:
+        configuration = spec.configurations[index]
+        try:
+            worker = Worker(spec, configuration, idle_watts, len(config_indices) == 1)
+            ready[configuration.name] = [s.to_dict() for s in worker.warm_up()]
+            workers[configuration.name] = worker
+        except Exception as error:  # report; the parent records the failure
+            errors[configuration.name] = (_one_line(error), traceback.format_exc())
+    conn.send(("ready", ready, errors))
+    if not workers:
         return
     while True:
         try:
@@ -343,8 +368,9 @@ def worker_main(
             return
         if message[0] == "stop":
             return
+        _, name, block = message
         try:
-            conn.send(("block", [s.to_dict() for s in worker.run_block(message[1])]))
+            conn.send(("block", [s.to_dict() for s in workers[name].run_block(block)]))
         except Exception as error:
+            workers.pop(name, None)
             conn.send(("error", _one_line(error), traceback.format_exc()))
-            return

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from bench.judge.analysis import COLD_MODALITY, RunTables
+from bench.report.resolution import resolution_lines
 from core.units import BYTES_PER_MIB, MS_PER_S, interval, pct
 
 # How a transform's figure is shown, by its declared unit: (label suffix, scale, format).
@@ -103,12 +104,7 @@ def _verdict_section(verdict: dict[str, Any]) -> list[str]:
         out.append(
             f"- peak memory (`{memory['source']}`): **{memory['word']}**: {memory['statement']}"
         )
-    pv = verdict.get("process_variance")
-    if pv:
-        out.append(
-            f"- noise: process SD τ {pv['tau']:.2%}, round SD σ {pv['sigma']:.2%} (log scale), "
-            f"from {pv['processes']} processes × {pv['rounds_per_process']:.1f} rounds"
-        )
+    out += [f"- {line}" for line in resolution_lines(verdict)]
     if verdict.get("family"):
         out.append(f"- {verdict['family']['note']}")
     for problem in verdict["problems"]:

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bench.judge.analysis import RunTables
+from bench.report.resolution import resolution_lines
 from core.units import BYTES_PER_MIB, MS_PER_S, interval
 
 # The per-configuration table's columns: (metric, modality, label, scale, format).
@@ -85,10 +86,6 @@ def _ratio(data: dict[str, float]) -> str:
     return f"{data['point']:.3f}\n[{data['lo']:.3f}, {data['hi']:.3f}]"
 
 
-def _log_pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2%}"
-
-
 def _interval(data: dict[str, float] | None) -> str:
     """A point over its CI, in percent (the table's title says so): "+12.3" / "[+10.1, +14.2]"."""
     return interval(data, places=1, unit="", separator="\n")
@@ -149,14 +146,7 @@ def render_run(meta: dict[str, Any], tables: RunTables) -> Group:
                 f"drops {_inline(acc['sum_single_drops'])}: {acc['word']}; {acc['note']}"
             )
         )
-    if verdict.get("process_variance"):
-        pv = verdict["process_variance"]
-        parts.append(
-            Text(
-                f"noise: process SD τ {_log_pct(pv['tau'])}, round SD σ {_log_pct(pv['sigma'])} "
-                f"({pv['processes']} processes × {pv['rounds_per_process']:.1f} rounds)"
-            )
-        )
+    parts += [Text(line) for line in resolution_lines(verdict)]
     if verdict.get("family"):
         parts.append(Text(verdict["family"]["note"]))
     for line in [
