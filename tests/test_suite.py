@@ -298,6 +298,10 @@ def test_transforms_command_lists_the_paper_techniques(capsys):
             ["--transforms", "token_pruning", "--param", "token_pruning.layer=9"],
             "'layer' must be <",
         ),
+        (["--memory-processes", "-1"], "--memory-processes must be >= 0"),
+        (["--target", "0"], "--target must be > 0"),
+        (["--target", "1", "--processes", "5"], "--target plans the processes and rounds"),
+        (["--target", "1"], "--target needs a calibration of this machine"),
     ],
 )
 def test_run_flag_errors_are_one_line(tiny_cache, tmp_path, capsys, flags, message):
