@@ -17,6 +17,7 @@ from typing import Any
 from scipy import stats
 
 from bench.judge.components import Components
+from bench.judge.sequential import look_confidence
 
 CONFIDENCE = 0.95
 POWER = 0.8
@@ -107,8 +108,6 @@ def run_plan(
     should be `target` (a fraction), from a stored calibration's components and costs
     (per configuration: one start-up, one block). A sequential run's last interval is wider
     (`sequential.look_confidence`): the plan is redone until it allows for that."""
-    from bench.judge.sequential import look_confidence  # heavy only when planning
-
     components = Components(**calibration["components"])
     weight = contrast_weight(max(singles, 2))
     process_s = float(calibration["worker_start_s"]) * configurations
