@@ -24,6 +24,18 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
+def tiny_cache_view(tiny_cache, tmp_path) -> Path:
+    """A cache of this test's own that links to the trained `tiny` teacher, so what the test
+    writes there (a kept calibration) cannot leak into other tests through `tiny_cache`."""
+    view = tmp_path / "cache-view"
+    view.mkdir()
+    for entry in tiny_cache.iterdir():
+        if entry.name != "calibrations":
+            (view / entry.name).symlink_to(entry)
+    return view
+
+
+@pytest.fixture()
 def isolated_cache(tmp_path, monkeypatch) -> Path:
     """An empty cache, also set in the environment so CLI calls see it."""
     monkeypatch.setenv("COMPOUND_BENCH_CACHE", str(tmp_path / "cache"))

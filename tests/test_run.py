@@ -183,14 +183,14 @@ def test_a_worker_that_dies_mid_run_is_recorded_while_others_complete(tiny_cache
     assert {b for c, b in store.completed_blocks() if c == alive and b >= 0} == {0, 1, 2}
 
 
-def test_calibrate_reports_process_noise_an_mde_and_the_planted_slowdown(tiny_cache, capsys):
+def test_calibrate_reports_process_noise_an_mde_and_the_planted_slowdown(tiny_cache_view, capsys):
     code = main(
         [
             "calibrate",
             "--preset",
             "tiny",
             "--cache-dir",
-            str(tiny_cache),
+            str(tiny_cache_view),
             # Structure only: where the measured slowdown lands depends on the machine's noise
             # (CI once measured a planted 25% as 39% [37%, 42%]), so no timing is asserted;
             # test_worker_plant checks the plant itself exactly.
@@ -228,3 +228,25 @@ def test_calibrate_reports_process_noise_an_mde_and_the_planted_slowdown(tiny_ca
     assert planted["covers"] == (planted["ci"][0] <= 0.25 <= planted["ci"][1])
     assert isinstance(planted["detected"], bool)
     assert set(report["busy"]) >= {"busy", "message", "n_blocks"}
+    assert Path(report["stored_as"]) == tiny_cache_view / "calibrations" / "tiny-cpu.json"
+    assert json.loads(Path(report["stored_as"]).read_text())["requests_per_block"] == 8
+
+    # --target plans from that calibration: a different --requests is refused in one line,
+    # before anything is written.
+    results = tiny_cache_view.parent / "results"
+    run = ["run", "--preset", "tiny", "--cache-dir", str(tiny_cache_view)]
+    run += ["--results-dir", str(results), "--target", "5"]
+    assert main(run + ["--requests", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "plans from a calibration at 8 requests per block" in err and len(err.splitlines()) == 1
+    assert not results.exists()
+
+
+def test_run_target_refuses_a_damaged_calibration_in_one_line(tiny_cache_view, tmp_path, capsys):
+    stored = tiny_cache_view / "calibrations" / "tiny-cpu.json"
+    stored.parent.mkdir()
+    stored.write_text('{"components": {"tau": ')
+    run = ["run", "--preset", "tiny", "--cache-dir", str(tiny_cache_view)]
+    assert main(run + ["--results-dir", str(tmp_path / "r"), "--target", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot be read" in err and str(stored) in err and len(err.splitlines()) == 1

@@ -304,14 +304,13 @@ def test_transforms_command_lists_the_paper_techniques(capsys):
         (["--target", "1"], "--target needs a calibration of this machine"),
     ],
 )
-def test_run_flag_errors_are_one_line(tiny_cache, tmp_path, capsys, flags, message):
-    code = main(
-        ["run", "--preset", "tiny", "--cache-dir", str(tiny_cache), "--results-dir", str(tmp_path)]
-        + flags
-    )
+def test_run_flag_errors_are_one_line(tiny_cache_view, tmp_path, capsys, flags, message):
+    results = tmp_path / "results"
+    run = ["run", "--preset", "tiny", "--cache-dir", str(tiny_cache_view)]
+    code = main(run + ["--results-dir", str(results)] + flags)
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert not any(tmp_path.iterdir())  # nothing written for a run that never started
+    assert not results.exists()  # nothing written for a run that never started
 
 
 def test_run_with_transforms_writes_the_verdict_and_report(tiny_cache, tmp_path, capsys):
