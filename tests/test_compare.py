@@ -24,9 +24,10 @@ ENVIRONMENT = {
 CONFIG = {"source": {"preset": "tiny"}, "protocol": {"threads": 2}, "configurations": []}
 
 
-def _store(results, run_id, fast_factor, *, seed, environment=ENVIRONMENT):
+def _store(results, run_id, fast_factor, *, seed, environment=ENVIRONMENT, stall=1.0):
     """A run of 6 processes × 5 rounds: `fast` takes `fast_factor` of the baseline's time,
-    under shared drift per round and 2% noise."""
+    under shared drift per round and 2% noise; the baseline's first block takes `stall` times
+    as long."""
     rng = np.random.default_rng(seed)
     config = {**CONFIG, "configurations": [{"name": "baseline"}, {"name": "fast"}]}
     with RunStore.create(results, config, environment, run_id) as store:
@@ -37,6 +38,7 @@ def _store(results, run_id, fast_factor, *, seed, environment=ENVIRONMENT):
                 drift = rng.normal(1.0, 0.03)
                 for name, factor in (("baseline", 1.0), ("fast", fast_factor)):
                     value = 0.02 * offset * drift * factor * rng.normal(1.0, 0.02)
+                    value *= stall if (name, block) == ("baseline", 0) else 1.0
                     extra = {PROCESS_KEY: process}
                     sample = Sample(name, block, "latency_mean_s", value, "s", extra=extra)
                     store.append_block(name, block, [sample])
@@ -66,6 +68,18 @@ def test_a_planted_slowdown_is_found_with_its_sign(two_runs, capsys):
     assert fast["word"] == "higher" and fast["units"] == "processes"
     assert baseline["lo"] < 0 < baseline["hi"] and baseline["word"] == "unresolved"
     assert report["environment_differences"] == []
+
+
+def test_one_stalled_block_barely_moves_the_change(two_runs, capsys):
+    _store(two_runs, "stalled", 0.88, seed=1, stall=5.0)  # "after" with one 5× block
+    deltas = {}
+    for after in ("after", "stalled"):
+        main(["compare", "before", after, "--results-dir", str(two_runs), "--json"])
+        rows = json.loads(capsys.readouterr().out)["changes"]
+        (row,) = [r for r in rows if r["config"] == "baseline"]
+        deltas[after] = row["delta"]
+    # A mean over the process's 5 rounds would move by log(5)/5/6 processes ≈ 5%.
+    assert abs(deltas["stalled"] - deltas["after"]) < 0.01
 
 
 def test_the_gate_fails_only_beyond_its_threshold(two_runs, capsys):

@@ -2,9 +2,10 @@
 interval, and the differences between their environments that make the change suspect.
 
 Within a run the verdict pairs configurations round by round (`bench.judge.replicated`). Two
-runs share no rounds, so the unit here is the worker process: each process gives the mean log
-value of its rounds, and Δ = 1 − exp(mean_B − mean_A) over the two runs' processes, with a
-Welch t interval on the difference of mean logs. Process-to-process variance is inside it, as
+runs share no rounds, so the unit here is the worker process: each process gives the 20%-trimmed
+mean log value of its rounds (a few stalled blocks do not move it; MEASUREMENT.md's heavy right
+tail), and Δ = 1 − exp(mean_B − mean_A) over the two runs' processes, with a Welch t interval on
+the difference of those means. Process-to-process variance is inside it, as
 in the verdict. A run measured in one process falls back to its rounds as units, and the row
 says so: that interval is too narrow (MEASUREMENT.md: identical processes differ by 1-4%).
 """
@@ -21,6 +22,7 @@ from scipy import stats
 
 from bench.configuration import ServingSpec, WorkloadSpec
 from bench.judge.analysis import COMPARED, metric_rounds
+from bench.judge.replicated import trimmed_mean
 
 CONFIDENCE = 0.95
 # (label, path into run.json): what must match for two runs to be compared without a warning.
@@ -50,7 +52,7 @@ class Change:
     config: str
     metric: str
     label: str
-    a: float  # geometric mean over A's rounds
+    a: float  # exp of the mean over A's processes of their trimmed mean log values
     b: float
     delta: float
     lo: float
@@ -113,7 +115,8 @@ def _short(value: Any) -> str:
 
 
 def _process_means(samples: pd.DataFrame, metric: str, config: str) -> tuple[np.ndarray, str]:
-    """Mean log value per process (or per round when there is one process)."""
+    """Trimmed mean log value per process (or each round's log value when there is one
+    process)."""
     rounds = metric_rounds(samples, metric)
     if config not in rounds.table:
         return np.array([]), "processes"
@@ -124,7 +127,7 @@ def _process_means(samples: pd.DataFrame, metric: str, config: str) -> tuple[np.
     labels = np.unique(epochs)
     if labels.size < 2:
         return logs, "rounds"
-    return np.array([logs[epochs == label].mean() for label in labels]), "processes"
+    return np.array([trimmed_mean(logs[epochs == label]) for label in labels]), "processes"
 
 
 def change(
