@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
+import pytest
 
 from bench.cli import main
 from bench.configuration import Configuration, ModelSource, Protocol, RunSpec, TransformSpec
@@ -162,8 +164,15 @@ def test_a_configuration_that_fails_to_start_is_recorded_while_others_complete(
     assert store.failures()[0]["config"] == "broken"
 
 
-def test_a_worker_that_dies_mid_run_is_recorded_while_others_complete(tiny_cache, tmp_path):
+@pytest.mark.parametrize("placement", ["isolated", "coresident"])
+def test_a_worker_that_dies_mid_run_is_recorded_while_others_complete(
+    tiny_cache, tmp_path, placement
+):
+    """Co-resident, the killed process held both: the one it was serving fails, the other
+    starts again in a fresh process and completes its rounds."""
     spec = _spec(tiny_cache, [Configuration("a"), Configuration("b")])
+    protocol = replace(spec.protocol, placement=placement, memory_processes=0)
+    spec = replace(spec, protocol=protocol)
     store = RunStore.create(tmp_path, spec.to_dict(), {})
     killed = []
 
